@@ -155,21 +155,26 @@ def _import_voc(
     part_type: str,
     dataset_name: str | None,
 ):
-    from apex_assets.lib.voc_import import import_voc
+    from apex_assets.lib import source_db
+    from apex_assets.lib.voc_import import VocImportError, import_voc
 
     uri = source_uri(settings)
+    source_db.ensure_schema(uri)  # the importer writes the plant tables; create them if missing
     say(f"importing Pascal VOC from {images_dir} into the {_describe_db(settings)}")
-    summary = import_voc(
-        uri,
-        images_dir=images_dir,
-        annotations_dir=annotations_dir,
-        image_root=settings.image_root,
-        plant_id=plant_id,
-        line_id=line_id,
-        part_type=part_type,
-        dataset_name=dataset_name,
-        progress=say,
-    )
+    try:
+        summary = import_voc(
+            uri,
+            images_dir=images_dir,
+            annotations_dir=annotations_dir,
+            image_root=settings.image_root,
+            plant_id=plant_id,
+            line_id=line_id,
+            part_type=part_type,
+            dataset_name=dataset_name,
+            progress=say,
+        )
+    except VocImportError as err:
+        raise click.ClickException(str(err)) from err
     say(
         f"  images imported {summary.images_imported:,}, unchanged {summary.images_unchanged:,}, "
         f"annotations {summary.annotations_imported:,}, skipped {summary.skipped_count:,}"
@@ -185,10 +190,18 @@ def _import_voc(
 @click.argument("csv_file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 def import_calibration(csv_file: Path) -> None:
     """Upsert a camera calibration CSV (the monthly file) into inspection.camera_calibration."""
-    from apex_assets.lib.calibration_csv import import_calibration_csv
+    from apex_assets.lib import source_db
+    from apex_assets.lib.calibration_csv import CalibrationFileError, import_calibration_csv
 
     settings = load_settings()
-    summary = import_calibration_csv(source_uri(settings), csv_file)
+    uri = source_uri(settings)
+    source_db.ensure_schema(uri)
+    try:
+        summary = import_calibration_csv(
+            uri, csv_file, default_timezone=settings.partition_timezone, progress=say
+        )
+    except CalibrationFileError as err:
+        raise click.ClickException(str(err)) from err
     say(f"calibration rows upserted {summary.rows_upserted}, unchanged {summary.rows_unchanged}")
     for line, reason in summary.rejected:
         say(f"  line {line} rejected: {reason}")

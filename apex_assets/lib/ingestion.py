@@ -24,7 +24,8 @@ import datetime as dt
 import hashlib
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from zoneinfo import ZoneInfo
 
 import adbc_driver_postgresql.dbapi as adbc
 import pandera.polars as pa
@@ -32,7 +33,14 @@ import polars as pl
 
 from apex_assets.lib import contracts
 from apex_assets.lib.lake import Lake
-from apex_assets.lib.lake_tables import ALL_PARTITION, RawTable, compact, read_table, write_changes
+from apex_assets.lib.lake_tables import (
+    ALL_PARTITION,
+    RawTable,
+    compact,
+    read_table,
+    write_changes,
+    write_tombstones,
+)
 
 Window = tuple[dt.datetime, dt.datetime]
 
@@ -47,6 +55,7 @@ class SourceTable:
     primary_key: tuple[str, ...]
     contract: type[pa.DataFrameModel]
     description: str
+    key_columns: str = ""  # SELECT list of the primary key (for delete reconciliation)
     partitioned: bool = False  # daily by capture date
     joins_image: bool = False  # capture date comes from inspection.image_metadata
 
@@ -87,6 +96,11 @@ class SourceTable:
             sql += " WHERE " + " AND ".join(where)
         return sql, params
 
+    def key_query(self, *, window: Window | None, tz: str) -> tuple[str, list[object]]:
+        """Primary keys present at the source (inside ``window``): deletes are the complement."""
+        keys_only = replace(self, columns=self.key_columns)  # same FROM and WHERE
+        return keys_only.cdc_query(since=None, window=window, tz=tz)
+
     def freshness_query(self, tz: str) -> tuple[str, list[object]]:
         """Newest ``updated_at`` per capture date: what the CDC schedule compares to the cursors."""
         if not self.partitioned:
@@ -103,6 +117,7 @@ _BOX = "CASE WHEN jsonb_typeof(t.bounding_box->'{k}') = 'number' THEN (t.boundin
 SOURCE_TABLES: tuple[SourceTable, ...] = (
     SourceTable(
         asset_name="image_metadata",
+        key_columns="t.image_id::text AS image_id",
         source="inspection.image_metadata",
         columns=(
             "t.image_id::text AS image_id, t.production_order_id, t.machine_id, t.camera_id,"
@@ -117,6 +132,7 @@ SOURCE_TABLES: tuple[SourceTable, ...] = (
     ),
     SourceTable(
         asset_name="defect_annotations",
+        key_columns="t.annotation_id::text AS annotation_id",
         source="inspection.defect_annotations",
         columns=(
             "t.annotation_id::text AS annotation_id, t.image_id::text AS image_id, t.defect_type,"
@@ -135,6 +151,7 @@ SOURCE_TABLES: tuple[SourceTable, ...] = (
     ),
     SourceTable(
         asset_name="inspection_results",
+        key_columns="t.result_id::text AS result_id",
         source="inspection.inspection_results",
         columns=(
             "t.result_id::text AS result_id, t.image_id::text AS image_id, t.inspector_id,"
@@ -148,6 +165,7 @@ SOURCE_TABLES: tuple[SourceTable, ...] = (
     ),
     SourceTable(
         asset_name="camera_calibration",
+        key_columns="t.camera_id, t.valid_from",
         source="inspection.camera_calibration",
         columns=(
             "t.camera_id, t.valid_from, t.line_id, t.machine_id, t.focal_length_mm, t.aperture_f,"
@@ -160,6 +178,7 @@ SOURCE_TABLES: tuple[SourceTable, ...] = (
     ),
     SourceTable(
         asset_name="equipment_registry",
+        key_columns="t.machine_id",
         source="inspection.equipment_registry",
         columns="t.machine_id, t.plant_id, t.line_id, t.machine_type, t.commissioned_on, t.updated_at",
         primary_key=("machine_id",),
@@ -168,6 +187,7 @@ SOURCE_TABLES: tuple[SourceTable, ...] = (
     ),
     SourceTable(
         asset_name="production_orders",
+        key_columns="t.production_order_id",
         source="erp.production_orders",
         columns=(
             "t.production_order_id, t.part_type, t.plant_id, t.line_id, t.quantity, t.status,"
@@ -319,6 +339,51 @@ def ingest(
         preview=outcome.valid.head(5),
         schema={name: str(dtype) for name, dtype in frame.schema.items()},
     )
+
+
+def window_partitions(table: RawTable, window: Window, tz: str) -> list[str]:
+    """Lake partitions (capture dates in ``tz``) covered by ``window``."""
+    zone = ZoneInfo(tz)
+    day = window[0].astimezone(zone).date()
+    last = (window[1] - dt.timedelta(microseconds=1)).astimezone(zone).date()
+    out = []
+    while day <= last:
+        out.append(table.partition_of(day))
+        day += dt.timedelta(days=1)
+    return out
+
+
+def reconcile_deletes(
+    uri: str,
+    lake: Lake,
+    spec: SourceTable,
+    *,
+    window: Window | None = None,
+    tz: str = "UTC",
+    now: dt.datetime | None = None,
+) -> int:
+    """Tombstone lake rows whose key no longer exists at the source; returns how many.
+
+    CDC on ``updated_at`` cannot see a hard delete, so this compares key sets
+    (one keys-only query, inside ``window`` for partitioned tables). Run it
+    on a slower cadence than CDC; it never removes a row that still exists.
+    """
+    table = spec.raw
+    sql, params = spec.key_query(window=window, tz=tz)
+    source_keys = read_frame(uri, sql, params)
+    partitions = None
+    if spec.partitioned:
+        if window is None:
+            raise ValueError("reconciling a partitioned table needs a capture-time window")
+        partitions = window_partitions(table, window, tz)
+    current = read_table(lake, table, partitions)
+    if current.is_empty():
+        return 0
+    cols = list(table.primary_key) + ([table.partition_column] if table.partition_column else [])
+    gone = current.select(cols).join(
+        source_keys.select(list(table.primary_key)), on=list(table.primary_key), how="anti"
+    )
+    return write_tombstones(lake, table, gone, now or dt.datetime.now(dt.UTC))
 
 
 def changed_partitions(

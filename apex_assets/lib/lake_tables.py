@@ -14,12 +14,17 @@ wins per primary key), and :func:`compact` folds them into the base once
 there are enough of them. Rows for a partition that has no base yet go
 straight to the base (first loads and backfills cost one write).
 
+Deletes at the source are invisible to CDC on ``updated_at``; a
+reconciliation run compares keys and writes *tombstones* (delta rows with
+``_deleted = true``), which readers and compaction honour.
+
 Every write is deterministic (rows sorted by key, file names from content),
 so re-running a load rewrites identical files: idempotent by construction.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +34,8 @@ import polars as pl
 from apex_assets.lib.lake import Lake
 
 ALL_PARTITION = "all"
+#: Delta rows with this column true are tombstones: the key was deleted at the source.
+DELETED = "_deleted"
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,13 @@ def latest_per_key(frame: pl.DataFrame, table: RawTable) -> pl.DataFrame:
     )
 
 
+def drop_tombstones(frame: pl.DataFrame) -> pl.DataFrame:
+    """Remove keys whose latest version is a tombstone, and the tombstone column itself."""
+    if DELETED not in frame.columns:
+        return frame
+    return frame.filter(~pl.col(DELETED).fill_null(False)).drop(DELETED)
+
+
 def _partitions(frame: pl.DataFrame, table: RawTable) -> dict[str, pl.DataFrame]:
     if table.partition_column is None:
         return {ALL_PARTITION: frame}
@@ -118,13 +132,21 @@ def write_changes(lake: Lake, table: RawTable, changes: pl.DataFrame) -> WriteSt
     return WriteStats(changes.height, base_written, delta_written)
 
 
+def write_tombstones(lake: Lake, table: RawTable, keys: pl.DataFrame, at: dt.datetime) -> int:
+    """Record that ``keys`` (primary key + partition columns) were deleted at the source."""
+    if keys.is_empty():
+        return 0
+    rows = keys.with_columns(
+        updated_at=pl.lit(at, dtype=pl.Datetime("us", "UTC")), **{DELETED: pl.lit(True)}
+    )
+    lake.write(_delta_key(table, _sorted(rows, table)), _sorted(rows, table))
+    return rows.height
+
+
 def _delta_key(table: RawTable, delta: pl.DataFrame) -> str:
     stamp = delta["updated_at"].max()
     digest = hashlib.sha256(
-        delta.select([*table.primary_key, "updated_at"])
-        .hash_rows(seed=0)
-        .to_numpy()
-        .tobytes()
+        delta.select([*table.primary_key, "updated_at"]).hash_rows(seed=0).to_numpy().tobytes()
     ).hexdigest()[:12]
     return f"{table.delta_prefix}{stamp:%Y%m%dT%H%M%S%f}-{digest}.parquet"  # type: ignore[str-format]
 
@@ -154,7 +176,7 @@ def read_table(
     if not frames:
         return pl.DataFrame()
     merged = latest_per_key(pl.concat(frames, how="diagonal_relaxed"), table)
-    return _sorted(merged, table)
+    return _sorted(drop_tombstones(merged), table)
 
 
 def compact(lake: Lake, table: RawTable, *, min_delta_files: int = 1) -> int:
@@ -173,6 +195,7 @@ def compact(lake: Lake, table: RawTable, *, min_delta_files: int = 1) -> int:
         for partition, rows in sorted(_partitions(delta, table).items()):
             base = lake.read(table.base_key(partition))
             merged = rows if base is None else pl.concat([base, rows], how="diagonal_relaxed")
-            lake.write(table.base_key(partition), _sorted(latest_per_key(merged, table), table))
+            current = drop_tombstones(latest_per_key(merged, table))
+            lake.write(table.base_key(partition), _sorted(current, table))
     lake.delete(delta_keys)
     return len(delta_keys)

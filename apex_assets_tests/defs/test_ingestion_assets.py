@@ -13,6 +13,7 @@ from apex_assets.defs.automation.cdc import (
     RANGE_START_TAG,
     cdc_ingestion_job,
     cdc_ingestion_schedule,
+    delete_reconciliation_schedule,
 )
 from apex_assets.defs.ingestion.assets import PARTITIONED_KEYS, REFERENCE_KEYS, ingestion_assets
 from apex_assets.defs.ingestion.cursors import latest_cursors
@@ -34,7 +35,7 @@ def _defs(uri: str, lake_resource: LakeResource) -> dg.Definitions:
     return dg.Definitions(
         assets=ingestion_assets,
         jobs=[cdc_ingestion_job],
-        schedules=[cdc_ingestion_schedule],
+        schedules=[cdc_ingestion_schedule, delete_reconciliation_schedule],
         resources={
             "source_db": SourceDatabaseResource(url=uri, embedded_dir="/nonexistent"),
             "lake": lake_resource,
@@ -181,3 +182,41 @@ def test_ingestion_to_s3_over_real_http(source_db_uri, s3_endpoint, instance):
         k.startswith("plant-a/raw/image_metadata/base/capture_date=2026-06-01") for k in keys
     )
     assert any(k.startswith("plant-a/raw/production_orders/base/all") for k in keys)
+
+
+def test_nightly_reconciliation_schedule_tombstones_source_deletes(
+    source_db_uri, tmp_path, instance
+):
+    with psycopg.connect(source_db_uri) as conn:
+        ids = insert_images(conn, 6)
+        insert_reference_rows(conn)
+    defs = _defs(source_db_uri, LakeResource(local_dir=str(tmp_path / "lake")))
+    run_cdc_until_quiet(instance, defs)
+    with psycopg.connect(source_db_uri) as conn:
+        conn.execute("DELETE FROM inspection.inspection_results WHERE image_id = %s", (ids[1],))
+        conn.execute("DELETE FROM inspection.equipment_registry WHERE machine_id = 'm2'")
+        conn.commit()
+    schedule = defs.resolve_schedule_def("delete_reconciliation_schedule")
+    context = dg.build_schedule_context(
+        instance=instance,
+        scheduled_execution_time=NOW,
+        resources={"source_db": defs.resources["source_db"], "lake": defs.resources["lake"]},
+    )
+    requests = list(schedule.evaluate_tick(context).run_requests or [])
+    assert len(requests) == 2
+    job = defs.resolve_job_def("cdc_ingestion_job")
+    for request in requests:
+        result = job.execute_in_process(
+            instance=instance,
+            tags=request.tags,
+            asset_selection=request.asset_selection,
+            run_config=request.run_config,
+        )
+        assert result.success
+    lake = defs.resources["lake"].get_lake()
+    results = read_table(lake, ingestion.TABLES_BY_ASSET["inspection_results"].raw)
+    assert results.height == 5 and ids[1] not in results["image_id"].to_list()
+    machines = read_table(lake, ingestion.TABLES_BY_ASSET["equipment_registry"].raw)
+    assert sorted(machines["machine_id"]) == ["m0", "m1"]
+    mat = instance.get_latest_materialization_event(dg.AssetKey("equipment_registry"))
+    assert mat.asset_materialization.metadata["rows_deleted_at_source"].value == 1

@@ -223,3 +223,47 @@ def test_contiguous_ranges():
         (d + dt.timedelta(7), d + dt.timedelta(7)),
     ]
     assert ingestion.contiguous_ranges([]) == []
+
+
+def test_deletes_at_the_source_are_tombstoned_and_compacted_away(source_db_uri, tmp_path):
+    lake = LocalLake(tmp_path / "lake")
+    spec = ingestion.TABLES_BY_ASSET["defect_annotations"]
+    with psycopg.connect(source_db_uri) as conn:
+        ids = insert_images(conn, 6)
+    window = _window(DAY0, DAYS)
+    first = _run(source_db_uri, lake, spec, dict.fromkeys(_partitions(DAY0, DAYS)))
+    assert ingestion.reconcile_deletes(source_db_uri, lake, spec, window=window) == 0
+    with psycopg.connect(source_db_uri) as conn:
+        conn.execute("DELETE FROM inspection.defect_annotations WHERE image_id = %s", (ids[2],))
+        conn.commit()
+    # CDC alone cannot see the delete ...
+    assert _run(source_db_uri, lake, spec, first.cursors).rows_read == 0
+    assert read_table(lake, spec.raw).height == 6
+    # ... reconciliation does, exactly once.
+    assert ingestion.reconcile_deletes(source_db_uri, lake, spec, window=window) == 1
+    assert ingestion.reconcile_deletes(source_db_uri, lake, spec, window=window) == 0
+    remaining = read_table(lake, spec.raw)
+    assert remaining.height == 5 and ids[2] not in remaining["image_id"].to_list()
+    assert "_deleted" not in remaining.columns
+    from apex_assets.lib.lake_tables import compact
+
+    assert compact(lake, spec.raw) == 1
+    assert lake.list(spec.raw.delta_prefix) == []
+    assert read_table(lake, spec.raw).equals(remaining)
+
+
+def test_reconcile_unpartitioned(source_db_uri, tmp_path):
+    lake = LocalLake(tmp_path / "lake")
+    spec = ingestion.TABLES_BY_ASSET["production_orders"]
+    with psycopg.connect(source_db_uri) as conn:
+        conn.execute(
+            "INSERT INTO erp.production_orders(production_order_id, part_type)"
+            " SELECT 'PO-' || g, 'shaft' FROM generate_series(1, 4) g"
+        )
+        conn.commit()
+    ingestion.ingest(source_db_uri, lake, spec, cursors={"all": None})
+    with psycopg.connect(source_db_uri) as conn:
+        conn.execute("DELETE FROM erp.production_orders WHERE production_order_id = 'PO-3'")
+        conn.commit()
+    assert ingestion.reconcile_deletes(source_db_uri, lake, spec) == 1
+    assert sorted(read_table(lake, spec.raw)["production_order_id"]) == ["PO-1", "PO-2", "PO-4"]

@@ -19,8 +19,10 @@ from apex_assets.defs.ingestion.assets import (
     daily_capture_partitions,
 )
 from apex_assets.defs.ingestion.cursors import latest_cursors
-from apex_assets.defs.resources import SourceDatabaseResource
+from apex_assets.defs.resources import LakeResource, SourceDatabaseResource
 from apex_assets.lib import ingestion
+from apex_assets.lib.lake import Lake
+from apex_assets.lib.lake_tables import existing_partitions
 
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
@@ -103,3 +105,67 @@ def cdc_ingestion_schedule(
     if not requests:
         return dg.SkipReason("no source rows changed since the last ingestion cursors")
     return requests
+
+
+def _reconcile_config(keys: list[dg.AssetKey]) -> dict[str, object]:
+    return {"ops": {k.path[-1]: {"config": {"reconcile_deletes": True}} for k in keys}}
+
+
+def plan_reconcile_run_requests(
+    source_uri: str, lake: Lake, *, tz: str, now: dt.datetime
+) -> list[dg.RunRequest]:
+    """Runs that re-ingest and tombstone source deletes over every day holding data."""
+    valid_keys = set(daily_capture_partitions.get_partition_keys(current_time=now))
+    stamp = now.strftime("%Y%m%dT%H%M")
+    requests = [
+        dg.RunRequest(
+            run_key=f"reconcile-reference-{stamp}",
+            asset_selection=REFERENCE_KEYS,
+            run_config=_reconcile_config(REFERENCE_KEYS),
+            tags={"apex/trigger": "reconcile"},
+        )
+    ]
+    days: set[dt.date] = set()
+    for key in PARTITIONED_KEYS:
+        spec = ingestion.TABLES_BY_ASSET[key.path[-1]]
+        labels = set(ingestion.source_freshness(source_uri, spec, tz)) | existing_partitions(
+            lake, spec.raw
+        )
+        for label in labels:
+            day = label.split("=", 1)[1]
+            if day in valid_keys:
+                days.add(dt.date.fromisoformat(day))
+    for start, end in ingestion.contiguous_ranges(sorted(days)):
+        requests.append(
+            dg.RunRequest(
+                run_key=f"reconcile-{start}-{end}-{stamp}",
+                asset_selection=PARTITIONED_KEYS,
+                run_config=_reconcile_config(PARTITIONED_KEYS),
+                tags={
+                    RANGE_START_TAG: start.isoformat(),
+                    RANGE_END_TAG: end.isoformat(),
+                    "apex/trigger": "reconcile",
+                },
+            )
+        )
+    return requests
+
+
+@dg.schedule(
+    name="delete_reconciliation_schedule",
+    cron_schedule="30 1 * * *",
+    job=cdc_ingestion_job,
+    execution_timezone=load_settings().partition_timezone,
+    description=(
+        "Nightly: compare primary keys with the source and tombstone rows deleted there "
+        "(hard deletes are invisible to the 15-minute CDC)."
+    ),
+)
+def delete_reconciliation_schedule(
+    context: dg.ScheduleEvaluationContext, source_db: SourceDatabaseResource, lake: LakeResource
+) -> list[dg.RunRequest]:
+    settings = load_settings()
+    now = context.scheduled_execution_time or dt.datetime.now(dt.UTC)
+    return plan_reconcile_run_requests(
+        source_db.uri(), lake.get_lake(), tz=settings.partition_timezone, now=now
+    )
