@@ -21,8 +21,9 @@ object position), rows are upserted with ``ON CONFLICT ... DO UPDATE ... WHERE
 unchanged files write nothing and ``updated_at`` does not move. An edited XML
 updates exactly the changed annotation rows; boxes removed from an XML are
 deleted (only rows written by this importer, never other annotators'), and the
-number is reported: incremental CDC on ``updated_at`` cannot see deletes, so a
-downstream consumer needs a full refresh after one.
+number is reported: incremental CDC on ``updated_at`` cannot see deletes, so
+the lake learns of them from the nightly delete reconciliation
+(``delete_reconciliation_schedule``, tombstones in the raw tables).
 """
 
 from __future__ import annotations
