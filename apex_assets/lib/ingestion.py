@@ -253,21 +253,19 @@ def _keep_newer_than_cursor(
 
 
 def _new_cursors(
-    frame: pl.DataFrame, table: RawTable, cursors: Mapping[str, dt.datetime | None]
+    read: pl.DataFrame, cursors: Mapping[str, dt.datetime | None]
 ) -> dict[str, dt.datetime | None]:
-    out = dict(cursors)
-    if frame.is_empty():
-        return out
-    if table.partition_column is None:
-        newest = frame["updated_at"].max()
-        out[ALL_PARTITION] = newest  # type: ignore[assignment]
-        return out
-    label = pl.lit(f"{table.partition_column}=") + pl.col(table.partition_column).cast(pl.String)
-    per = frame.group_by(label.alias("p")).agg(pl.col("updated_at").max().alias("c"))
-    for partition, cursor in per.iter_rows():
-        previous = out.get(partition)
-        out[partition] = cursor if previous is None else max(previous, cursor)
-    return out
+    """Every partition of the run moves to the newest ``updated_at`` the query saw.
+
+    The query covered all of the run's partitions above the oldest cursor, so
+    a partition that returned nothing (an empty day) is as up to date as the
+    others: giving it the same cursor keeps the next run's lower bound tight
+    instead of re-reading the whole window because one day was empty.
+    """
+    if read.is_empty():
+        return dict(cursors)
+    newest = read["updated_at"].max()
+    return {p: newest if c is None else max(c, newest) for p, c in cursors.items()}  # type: ignore[type-var]
 
 
 def quarantine_key(table: RawTable, rows: pl.DataFrame) -> str:
@@ -300,9 +298,9 @@ def ingest(
     sql, params = spec.cdc_query(since=since, window=window, tz=tz)
 
     t0 = time.perf_counter()
-    frame = read_frame(uri, sql, params)
+    read = read_frame(uri, sql, params)
     timings["read"] = time.perf_counter() - t0
-    frame = _keep_newer_than_cursor(frame, table, cursors)
+    frame = _keep_newer_than_cursor(read, table, cursors)
 
     t0 = time.perf_counter()
     outcome = contracts.validate_batch(spec.contract, frame)
@@ -330,7 +328,7 @@ def ingest(
         rows_written=stats.rows,
         quarantined=outcome.quarantined_count,
         quarantine_reasons=reasons,
-        cursors=_new_cursors(frame, table, cursors),
+        cursors=_new_cursors(read, cursors),
         base_files_written=stats.base_files_written,
         delta_files_written=stats.delta_files_written,
         delta_files_compacted=compacted,
@@ -397,11 +395,18 @@ def changed_partitions(
     )
 
 
-def contiguous_ranges(dates: Sequence[dt.date]) -> list[tuple[dt.date, dt.date]]:
-    """Group dates into inclusive runs of consecutive days: one Dagster run per range."""
+def contiguous_ranges(
+    dates: Sequence[dt.date], *, max_gap_days: int = 1
+) -> list[tuple[dt.date, dt.date]]:
+    """Group dates into inclusive ranges: one Dagster run per range.
+
+    Dates at most ``max_gap_days`` apart share a range (the days between are
+    materialized too and cost one empty read), so a plant with idle days does
+    not turn one backfill into dozens of runs.
+    """
     ranges: list[tuple[dt.date, dt.date]] = []
     for day in sorted(set(dates)):
-        if ranges and day == ranges[-1][1] + dt.timedelta(days=1):
+        if ranges and (day - ranges[-1][1]).days <= max_gap_days:
             ranges[-1] = (ranges[-1][0], day)
         else:
             ranges.append((day, day))

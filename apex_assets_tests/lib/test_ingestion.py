@@ -38,7 +38,10 @@ def test_first_run_then_incremental_then_rerun(source_db_uri, tmp_path):
     cursors = dict.fromkeys(_partitions(DAY0, DAYS))
     first = _run(source_db_uri, lake, spec, cursors)
     assert first.rows_read == 12 and first.rows_written == 12 and first.quarantined == 0
-    assert first.base_files_written == len({p for p, c in first.cursors.items() if c})
+    days_with_images = {str(d) for d in read_table(lake, spec.raw)["capture_date"].unique()}
+    assert first.base_files_written == len(days_with_images) == 4
+    # every partition of the run, empty days included, moves to the newest row seen
+    assert len(set(first.cursors.values())) == 1 and None not in first.cursors.values()
     assert read_table(lake, spec.raw).height == 12
 
     # Update 3 existing rows and insert 2 new ones: the next run must read exactly those 5.
@@ -223,6 +226,11 @@ def test_contiguous_ranges():
         (d + dt.timedelta(7), d + dt.timedelta(7)),
     ]
     assert ingestion.contiguous_ranges([]) == []
+    assert ingestion.contiguous_ranges(days, max_gap_days=3) == [(d, d + dt.timedelta(7))]
+    assert ingestion.contiguous_ranges(days, max_gap_days=2) == [
+        (d, d + dt.timedelta(2)),
+        (d + dt.timedelta(5), d + dt.timedelta(7)),
+    ]
 
 
 def test_deletes_at_the_source_are_tombstoned_and_compacted_away(source_db_uri, tmp_path):

@@ -72,7 +72,7 @@ def plan_cdc_run_requests(
             if day in valid_keys:
                 changed_days.add(dt.date.fromisoformat(day))
                 newest_partitioned.append(fresh[partition].isoformat())
-    for start, end in ingestion.contiguous_ranges(sorted(changed_days)):
+    for start, end in ingestion.contiguous_ranges(sorted(changed_days), max_gap_days=7):
         requests.append(
             dg.RunRequest(
                 run_key=f"cdc-{start}-{end}-{max(newest_partitioned)}",
@@ -135,7 +135,7 @@ def plan_reconcile_run_requests(
             day = label.split("=", 1)[1]
             if day in valid_keys:
                 days.add(dt.date.fromisoformat(day))
-    for start, end in ingestion.contiguous_ranges(sorted(days)):
+    for start, end in ingestion.contiguous_ranges(sorted(days), max_gap_days=7):
         requests.append(
             dg.RunRequest(
                 run_key=f"reconcile-{start}-{end}-{stamp}",

@@ -1,0 +1,89 @@
+"""The `apex` command as a user runs it: a real process, embedded PostgreSQL, real files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+APEX = str(Path(sys.executable).parent / "apex")
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("APEX_", "DAGSTER_"))}
+    env.update({"APEX_HOME": str(home), **extra})
+    return env
+
+
+def _apex(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [APEX, *args], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"apex {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_then_rerun_is_a_no_op(tmp_path, neu_det_dir):
+    env = _env(tmp_path / "apex", APEX_NEU_DET_DIR=str(neu_det_dir))
+    first = _apex("demo", "--scale", "tiny", env=env)
+    out = first.stdout
+    assert "== Apex demo summary ==" in out
+    assert "images imported 1,500" in out
+    # every source table reached the lake, the bad rows were quarantined, not lost
+    for asset in (
+        "image_metadata",
+        "defect_annotations",
+        "inspection_results",
+        "production_orders",
+    ):
+        assert f"  {asset}" in out
+    assert (tmp_path / "apex" / "lake" / "raw" / "image_metadata" / "base").is_dir()
+    assert list((tmp_path / "apex" / "lake" / "quarantine").rglob("*.parquet"))
+    assert (tmp_path / "apex" / "nas" / "neu-det").is_symlink()
+
+    second = _apex("demo", "--scale", "tiny", env=env)
+    assert "synthetic plant: 0 new rows" in second.stdout
+    assert "images imported 0, unchanged 1,500" in second.stdout
+    assert "lake already up to date" in second.stdout
+    assert "nothing changed since the last ingestion" in _apex("ingest", env=env).stdout
+
+
+def test_import_calibration_reports_bad_lines_and_fails(tmp_path):
+    env = _env(tmp_path / "apex")
+    csv = tmp_path / "calibration.csv"
+    csv.write_text(
+        "camera_id,valid_from,line_id,machine_id,focal_length_mm,aperture_f,exposure_us,"
+        "gain_db,resolution_w,resolution_h,pixel_size_um\n"
+        "cam_9,2026-11-01T00:00:00Z,line_1,m1,16,8,900,2,1024,1024,5.5\n"
+        "cam_9,not-a-date,line_1,m1,16,8,900,2,1024,1024,5.5\n"
+    )
+    proc = _apex("import-calibration", str(csv), env=env, check=False)
+    assert proc.returncode == 1
+    assert "upserted 1" in proc.stdout
+    assert "line 3 rejected" in proc.stdout
+
+    bad_header = tmp_path / "bad.csv"
+    bad_header.write_text("camera,when\nx,y\n")
+    proc = _apex("import-calibration", str(bad_header), env=env, check=False)
+    assert proc.returncode != 0
+    assert "Error" in proc.stderr and "camera" in proc.stderr
+
+
+def test_import_voc_rejects_missing_folder_with_a_clear_message(tmp_path):
+    env = _env(tmp_path / "apex")
+    proc = _apex(
+        "import-voc",
+        "--images",
+        str(tmp_path / "nope"),
+        "--annotations",
+        str(tmp_path),
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr
