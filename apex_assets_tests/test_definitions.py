@@ -24,7 +24,7 @@ INGESTION = {
 
 def test_assets_schedule_and_job():
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert INGESTION <= keys
+    assert keys >= INGESTION
     schedule = defs.resolve_schedule_def("cdc_ingestion_schedule")
     assert schedule.cron_schedule == "*/15 * * * *"
     assert schedule.job_name == "cdc_ingestion_job"
