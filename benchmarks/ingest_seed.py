@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import psycopg
-from apex_assets.simulator.plant import simulate_plant
 
 from apex_assets.lib import ingestion, source_db
 from apex_assets.lib.lake import LocalLake
 from apex_assets.lib.lake_tables import read_table
+from apex_assets.simulator.plant import simulate_plant
 
 END_DATE = dt.date(2026, 6, 30)
 
@@ -78,19 +78,20 @@ def main() -> None:
     with psycopg.connect(uri, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE")
 
-    sql, _ = spec.cdc_query(since=None, window=(start, end), tz="UTC")
-    literal = (
-        sql.replace("$1", "'UTC'")
-        .replace("$2", f"'{start.isoformat()}'")
-        .replace("$3", f"'{end.isoformat()}'")
-    )
-    copy_s = _psql_copy_seconds(uri, literal)
+    query = spec.cdc_query(since=None, window=(start, end), tz="UTC")  # what ingest() runs
+    copy_s = _psql_copy_seconds(uri, query)
 
-    lake = LocalLake(work / "lake")
-    shutil.rmtree(work / "lake", ignore_errors=True)
-    t0 = time.perf_counter()
-    full = ingestion.ingest(uri, lake, spec, cursors=dict.fromkeys(partitions), window=(start, end))
-    full_s = time.perf_counter() - t0
+    # Best of 3 for every timed step, as for COPY: each full load into an empty lake.
+    full_s, full = float("inf"), None
+    for attempt in range(3):
+        lake = LocalLake(work / f"lake{attempt}")
+        t0 = time.perf_counter()
+        result = ingestion.ingest(
+            uri, lake, spec, cursors=dict.fromkeys(partitions), window=(start, end)
+        )
+        if time.perf_counter() - t0 < full_s:
+            full_s, full = time.perf_counter() - t0, result
+    assert full is not None
     assert full.rows_written + full.quarantined == n_rows, (
         full.rows_written,
         full.quarantined,
@@ -103,9 +104,13 @@ def main() -> None:
             " WHERE abs(hashtext(result_id::text)) % 100 = 0"
         ).rowcount
         conn.commit()
-    t0 = time.perf_counter()
-    incr = ingestion.ingest(uri, lake, spec, cursors=full.cursors, window=(start, end))
-    incr_s = time.perf_counter() - t0
+    incr_s, incr = float("inf"), None
+    for _ in range(3):  # the same increment again is idempotent (same delta file)
+        t0 = time.perf_counter()
+        result = ingestion.ingest(uri, lake, spec, cursors=full.cursors, window=(start, end))
+        if time.perf_counter() - t0 < incr_s:
+            incr_s, incr = time.perf_counter() - t0, result
+    assert incr is not None
     assert incr.rows_read == changed, (incr.rows_read, changed)
     lake_rows = read_table(lake, spec.raw).height
     assert lake_rows == n_rows - full.quarantined, (lake_rows, n_rows)

@@ -30,6 +30,7 @@ from zoneinfo import ZoneInfo
 import adbc_driver_postgresql.dbapi as adbc
 import pandera.polars as pa
 import polars as pl
+from psycopg import sql
 
 from apex_assets.lib import contracts
 from apex_assets.lib.lake import Lake
@@ -57,6 +58,7 @@ class SourceTable:
     description: str
     key_columns: str = ""  # SELECT list of the primary key (for delete reconciliation)
     partitioned: bool = False  # daily by capture date
+    array_columns: tuple[str, ...] = ()  # text[] columns sent as joined text (see post_read)
     joins_image: bool = False  # capture date comes from inspection.image_metadata
 
     @property
@@ -75,41 +77,75 @@ class SourceTable:
     def _capture_ts(self) -> str:
         return "m.capture_timestamp" if self.joins_image else "t.capture_timestamp"
 
-    def cdc_query(
-        self, *, since: dt.datetime | None, window: Window | None, tz: str
-    ) -> tuple[str, list[object]]:
-        """Parameterised SELECT of the rows changed since ``since`` (inside ``window``)."""
-        params: list[object] = []
+    def cdc_query(self, *, since: dt.datetime | None, window: Window | None, tz: str) -> str:
+        """SELECT of the rows changed since ``since`` (inside ``window``).
+
+        Values are bound as quoted literals (:func:`_lit`), not as server-side
+        parameters: ADBC streams a parameter-free query with ``COPY ... TO
+        STDOUT (FORMAT binary)`` but a parameterised one row by row, which
+        measured 2x slower on 1M rows. Every value here is a datetime or the
+        configured timezone name, quoted by psycopg; nothing comes from a user.
+        """
         select = self.columns
         where: list[str] = []
         if self.partitioned:
-            params.append(tz)
-            select += f", ({self._capture_ts} AT TIME ZONE $1)::date AS capture_date"
+            select += f", ({self._capture_ts} AT TIME ZONE {_lit(tz)})::date AS capture_date"
             if window is not None:
-                params += [window[0], window[1]]
-                where.append(f"{self._capture_ts} >= $2 AND {self._capture_ts} < $3")
-        if since is not None:
-            params.append(since)
-            where.append(f"t.updated_at > ${len(params)}")
-        sql = f"SELECT {select} FROM {self._from}"
+                where.append(
+                    f"{self._capture_ts} >= {_lit(window[0])} AND {self._capture_ts} < {_lit(window[1])}"
+                )
+        source = self._from
+        if since is not None and self.joins_image:
+            # Fence the changed rows (OFFSET 0) so the planner drives the join from the
+            # updated_at index with primary-key lookups: 39 ms instead of 83 ms for 1% of
+            # 1M rows, where it would otherwise hash-join a full scan of image_metadata.
+            source = (
+                f"(SELECT * FROM {self.source} t WHERE t.updated_at > {_lit(since)} OFFSET 0) t"
+                " JOIN inspection.image_metadata m ON m.image_id = t.image_id"
+            )
+        elif since is not None:
+            where.append(f"t.updated_at > {_lit(since)}")
+        query = f"SELECT {select} FROM {source}"
         if where:
-            sql += " WHERE " + " AND ".join(where)
-        return sql, params
+            query += " WHERE " + " AND ".join(where)
+        return query
 
-    def key_query(self, *, window: Window | None, tz: str) -> tuple[str, list[object]]:
+    def key_query(self, *, window: Window | None, tz: str) -> str:
         """Primary keys present at the source (inside ``window``): deletes are the complement."""
         keys_only = replace(self, columns=self.key_columns)  # same FROM and WHERE
         return keys_only.cdc_query(since=None, window=window, tz=tz)
 
-    def freshness_query(self, tz: str) -> tuple[str, list[object]]:
+    def freshness_query(self, tz: str) -> str:
         """Newest ``updated_at`` per capture date: what the CDC schedule compares to the cursors."""
         if not self.partitioned:
-            return f"SELECT max(t.updated_at) AS max_updated_at FROM {self.source} t", []
+            return f"SELECT max(t.updated_at) AS max_updated_at FROM {self.source} t"
         return (
-            f"SELECT ({self._capture_ts} AT TIME ZONE $1)::date AS capture_date, "
-            f"max(t.updated_at) AS max_updated_at FROM {self._from} GROUP BY 1",
-            [tz],
+            f"SELECT ({self._capture_ts} AT TIME ZONE {_lit(tz)})::date AS capture_date, "
+            f"max(t.updated_at) AS max_updated_at FROM {self._from} GROUP BY 1"
         )
+
+    def post_read(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """Undo the transport encodings of :attr:`columns` (text arrays travel as joined text)."""
+        return frame.with_columns(
+            [
+                pl.when(pl.col(c) == "")
+                .then(pl.lit([], dtype=pl.List(pl.String)))
+                .otherwise(pl.col(c).str.split(ARRAY_SEPARATOR))
+                .alias(c)
+                for c in self.array_columns
+                if c in frame.columns
+            ]
+        )
+
+
+def _lit(value: object) -> str:
+    """A safely quoted SQL literal (psycopg's quoting rules)."""
+    return sql.Literal(value).as_string(None)
+
+
+#: text[] columns travel as text joined with the ASCII unit separator: ADBC decodes
+#: PostgreSQL arrays ~0.5 s per 1M rows slower than text plus a Polars split.
+ARRAY_SEPARATOR = "\x1f"
 
 
 _BOX = "CASE WHEN jsonb_typeof(t.bounding_box->'{k}') = 'number' THEN (t.bounding_box->>'{k}')::float8 END AS {alias}"
@@ -155,10 +191,12 @@ SOURCE_TABLES: tuple[SourceTable, ...] = (
         source="inspection.inspection_results",
         columns=(
             "t.result_id::text AS result_id, t.image_id::text AS image_id, t.inspector_id,"
-            " t.decision, t.defect_codes, t.inspected_at, t.updated_at"
+            " t.decision, array_to_string(t.defect_codes, E'\\x1f') AS defect_codes,"
+            " t.inspected_at, t.updated_at"
         ),
         primary_key=("result_id",),
         contract=contracts.InspectionResultContract,
+        array_columns=("defect_codes",),
         description="Human inspectors' decisions (PASS/FAIL/REWORK) per image.",
         partitioned=True,
         joins_image=True,
@@ -202,12 +240,10 @@ SOURCE_TABLES: tuple[SourceTable, ...] = (
 TABLES_BY_ASSET: dict[str, SourceTable] = {t.asset_name: t for t in SOURCE_TABLES}
 
 
-def read_frame(uri: str, sql: str, params: Sequence[object] = ()) -> pl.DataFrame:
-    """Run a parameterised query through ADBC into Polars (Arrow end to end)."""
+def read_frame(uri: str, query: str) -> pl.DataFrame:
+    """Run a query through ADBC into Polars (Arrow end to end, COPY binary underneath)."""
     with adbc.connect(uri) as conn:
-        return pl.read_database(
-            sql, conn, execute_options={"parameters": tuple(params)} if params else None
-        )
+        return pl.read_database(query, conn)
 
 
 @dataclass(frozen=True)
@@ -232,8 +268,8 @@ def _keep_newer_than_cursor(
     frame: pl.DataFrame, table: RawTable, cursors: Mapping[str, dt.datetime | None]
 ) -> pl.DataFrame:
     """Drop rows at or below their own partition's cursor (the SQL used the oldest cursor)."""
-    if frame.is_empty():
-        return frame
+    if frame.is_empty() or len(set(cursors.values())) <= 1:
+        return frame  # one cursor for all: the SQL bound already applied it exactly
     if table.partition_column is None:
         cursor = cursors.get(ALL_PARTITION)
         return frame if cursor is None else frame.filter(pl.col("updated_at") > cursor)
@@ -295,10 +331,10 @@ def ingest(
     timings: dict[str, float] = {}
     known = [c for c in cursors.values() if c is not None]
     since = min(known) if known and len(known) == len(cursors) else None
-    sql, params = spec.cdc_query(since=since, window=window, tz=tz)
+    query = spec.cdc_query(since=since, window=window, tz=tz)
 
     t0 = time.perf_counter()
-    read = read_frame(uri, sql, params)
+    read = spec.post_read(read_frame(uri, query))
     timings["read"] = time.perf_counter() - t0
     frame = _keep_newer_than_cursor(read, table, cursors)
 
@@ -307,7 +343,8 @@ def ingest(
     timings["validate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    stats = write_changes(lake, table, outcome.valid)
+    # one SELECT on a primary-keyed table (joins are 1:1 on image_id): keys are unique
+    stats = write_changes(lake, table, outcome.valid, unique_keys=True)
     if outcome.quarantined_count:
         lake.write(quarantine_key(table, outcome.quarantined), outcome.quarantined)
     compacted = compact(lake, table, min_delta_files=max_delta_files)
@@ -367,8 +404,7 @@ def reconcile_deletes(
     on a slower cadence than CDC; it never removes a row that still exists.
     """
     table = spec.raw
-    sql, params = spec.key_query(window=window, tz=tz)
-    source_keys = read_frame(uri, sql, params)
+    source_keys = read_frame(uri, spec.key_query(window=window, tz=tz))
     partitions = None
     if spec.partitioned:
         if window is None:
@@ -415,8 +451,7 @@ def contiguous_ranges(
 
 def source_freshness(uri: str, spec: SourceTable, tz: str) -> dict[str, dt.datetime]:
     """Lake partition -> newest ``updated_at`` in the source (one cheap GROUP BY)."""
-    sql, params = spec.freshness_query(tz)
-    frame = read_frame(uri, sql, params)
+    frame = read_frame(uri, spec.freshness_query(tz))
     if not spec.partitioned:
         newest = frame["max_updated_at"][0] if frame.height else None
         return {} if newest is None else {ALL_PARTITION: newest}

@@ -275,3 +275,28 @@ def test_reconcile_unpartitioned(source_db_uri, tmp_path):
         conn.commit()
     assert ingestion.reconcile_deletes(source_db_uri, lake, spec) == 1
     assert sorted(read_table(lake, spec.raw)["production_order_id"]) == ["PO-1", "PO-2", "PO-4"]
+
+
+def test_text_arrays_survive_the_transport_encoding(source_db_uri, tmp_path):
+    lake = LocalLake(tmp_path / "lake")
+    spec = ingestion.TABLES_BY_ASSET["inspection_results"]
+    with psycopg.connect(source_db_uri) as conn:
+        ids = insert_images(conn, 3)
+        conn.execute(
+            "UPDATE inspection.inspection_results SET defect_codes = %s WHERE image_id = %s",
+            (["pit", 'odd, "quoted" code'], ids[0]),
+        )
+        conn.execute(
+            "UPDATE inspection.inspection_results SET defect_codes = '{}' WHERE image_id = %s",
+            (ids[1],),
+        )
+        conn.execute(
+            "UPDATE inspection.inspection_results SET defect_codes = NULL WHERE image_id = %s",
+            (ids[2],),
+        )
+        conn.commit()
+    _run(source_db_uri, lake, spec, dict.fromkeys(_partitions(DAY0, DAYS)))
+    codes = dict(read_table(lake, spec.raw).select("image_id", "defect_codes").iter_rows())
+    assert codes[ids[0]] == ["pit", 'odd, "quoted" code']
+    assert codes[ids[1]] == []
+    assert codes[ids[2]] is None
