@@ -27,12 +27,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from zoneinfo import ZoneInfo
 
-import adbc_driver_postgresql.dbapi as adbc
 import pandera.polars as pa
 import polars as pl
 from psycopg import sql
 
 from apex_assets.lib import contracts
+from apex_assets.lib.arrow_reader import read_frame
 from apex_assets.lib.lake import Lake
 from apex_assets.lib.lake_tables import (
     ALL_PARTITION,
@@ -238,12 +238,6 @@ SOURCE_TABLES: tuple[SourceTable, ...] = (
 )
 
 TABLES_BY_ASSET: dict[str, SourceTable] = {t.asset_name: t for t in SOURCE_TABLES}
-
-
-def read_frame(uri: str, query: str) -> pl.DataFrame:
-    """Run a query through ADBC into Polars (Arrow end to end, COPY binary underneath)."""
-    with adbc.connect(uri) as conn:
-        return pl.read_database(query, conn)
 
 
 @dataclass(frozen=True)
