@@ -35,6 +35,73 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
 
 
+def _env_float(name: str, default: float) -> float:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = _env(name)
+    if raw is None:
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {raw!r}")
+
+
+def _env_optional_date(name: str) -> dt.date | None:
+    raw = _env(name)
+    if raw is None:
+        return None
+    try:
+        return dt.date.fromisoformat(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an ISO date (YYYY-MM-DD), got {raw!r}") from exc
+
+
+def _env_fractions(name: str, default: str) -> tuple[float, float, float]:
+    raw = _env(name, default) or default
+    try:
+        parts = tuple(float(p) for p in raw.split(","))
+    except ValueError as exc:
+        raise ValueError(f"{name} must be three numbers like 0.70,0.15,0.15, got {raw!r}") from exc
+    if len(parts) != 3 or abs(sum(parts) - 1.0) > 1e-6 or min(parts) <= 0:
+        raise ValueError(f"{name} must be three positive shares summing to 1, got {raw!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _env_pairs(name: str, default: str) -> dict[str, str]:
+    """``KEY=VALUE,KEY=VALUE`` (empty string = none)."""
+    raw = _env(name, default)
+    out: dict[str, str] = {}
+    for item in (raw or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{name} must look like KEY=0.9,OTHER=0.8, got {raw!r}")
+        try:
+            float(value)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {key.strip()} needs a number, got {value!r}") from exc
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _env_list(name: str) -> tuple[str, ...] | None:
+    raw = _env(name)
+    if raw is None:
+        return None
+    return tuple(p.strip() for p in raw.split(",") if p.strip()) or None
+
+
 def _env_date(name: str, default: str) -> dt.date:
     raw = _env(name, default)
     assert raw is not None
@@ -95,6 +162,87 @@ class Settings:
             "doc": "CDC delta files per raw table before they are compacted into the base",
         }
     )
+    ontology: str = field(
+        metadata={
+            "env": "APEX_ONTOLOGY",
+            "doc": "Taxonomy that standardizes labels: a bundled name or a JSON file path",
+        }
+    )
+    min_annotator_confidence: int = field(
+        metadata={
+            "env": "APEX_MIN_ANNOTATOR_CONFIDENCE",
+            "doc": "Annotations below it are rejected",
+        }
+    )
+    training_window_days: int = field(
+        metadata={"env": "APEX_TRAINING_WINDOW_DAYS", "doc": "Days of captures a training set uses"}
+    )
+    training_window_end: dt.date | None = field(
+        metadata={
+            "env": "APEX_TRAINING_WINDOW_END",
+            "doc": "Last day of the training window; unset = the newest capture in the data",
+        }
+    )
+    reference_images: int = field(
+        metadata={
+            "env": "APEX_REFERENCE_IMAGES",
+            "doc": "Images at seed scale; the three targets below scale with data size against it",
+        }
+    )
+    no_defect_target: int = field(
+        metadata={"env": "APEX_NO_DEFECT_TARGET", "doc": "NO_DEFECT images kept at seed scale"}
+    )
+    target_min_per_class: int = field(
+        metadata={
+            "env": "APEX_TARGET_MIN_PER_CLASS",
+            "doc": "Images per class below which it is listed for oversampling (seed scale)",
+        }
+    )
+    min_row_count: int = field(
+        metadata={"env": "APEX_MIN_ROW_COUNT", "doc": "Rows a training set needs (seed scale)"}
+    )
+    split_fractions: tuple[float, float, float] = field(
+        metadata={"env": "APEX_SPLIT_FRACTIONS", "doc": "train,val,test shares"}
+    )
+    split_seed: int = field(
+        metadata={"env": "APEX_SPLIT_SEED", "doc": "Seed of balancing and splits"}
+    )
+    split_temporal: bool = field(
+        metadata={"env": "APEX_SPLIT_TEMPORAL", "doc": "Test strictly after train in capture time"}
+    )
+    unmapped_label_max_share: float = field(
+        metadata={
+            "env": "APEX_UNMAPPED_LABEL_MAX_SHARE",
+            "doc": "Share of annotations with unmapped labels above which label_profile fails",
+        }
+    )
+    agreement_min_overall: float = field(
+        metadata={"env": "APEX_AGREEMENT_MIN_OVERALL", "doc": "Inter-annotator agreement needed"}
+    )
+    agreement_min_class: dict[str, float] = field(
+        metadata={
+            "env": "APEX_AGREEMENT_MIN_CLASS",
+            "doc": "Per-class agreement needed, CLASS=share pairs",
+        }
+    )
+    agreement_min_pair: dict[tuple[str, str], float] = field(
+        metadata={
+            "env": "APEX_AGREEMENT_MIN_PAIR",
+            "doc": "Agreement needed on confusable pairs, A+B=share pairs",
+        }
+    )
+    camera_balance_tolerance: float = field(
+        metadata={
+            "env": "APEX_CAMERA_BALANCE_TOLERANCE",
+            "doc": "Allowed deviation of a camera's share across splits, in points",
+        }
+    )
+    image_sources: tuple[str, ...] | None = field(
+        metadata={
+            "env": "APEX_IMAGE_SOURCES",
+            "doc": "image_metadata.source values curation uses (e.g. simulator, voc:neu-det); unset = all",
+        }
+    )
     neu_det_dir: Path = field(
         metadata={"env": "APEX_NEU_DET_DIR", "doc": "Pascal VOC folder of the NEU-DET images"}
     )
@@ -126,6 +274,31 @@ def load_settings() -> Settings:
         partition_start_date=_env_date("APEX_PARTITION_START_DATE", "2025-01-01"),
         partition_timezone=_env("APEX_TIMEZONE", "UTC") or "UTC",
         lake_max_delta_files=_env_int("APEX_LAKE_MAX_DELTA_FILES", 16),
+        ontology=_env("APEX_ONTOLOGY", "apex_defect_taxonomy") or "apex_defect_taxonomy",
+        min_annotator_confidence=_env_int("APEX_MIN_ANNOTATOR_CONFIDENCE", 3),
+        training_window_days=_env_int("APEX_TRAINING_WINDOW_DAYS", 180),
+        training_window_end=_env_optional_date("APEX_TRAINING_WINDOW_END"),
+        reference_images=_env_int("APEX_REFERENCE_IMAGES", 250_000),
+        no_defect_target=_env_int("APEX_NO_DEFECT_TARGET", 15_000),
+        target_min_per_class=_env_int("APEX_TARGET_MIN_PER_CLASS", 3_000),
+        min_row_count=_env_int("APEX_MIN_ROW_COUNT", 30_000),
+        split_fractions=_env_fractions("APEX_SPLIT_FRACTIONS", "0.70,0.15,0.15"),
+        split_seed=_env_int("APEX_SPLIT_SEED", 42),
+        split_temporal=_env_bool("APEX_SPLIT_TEMPORAL", False),
+        unmapped_label_max_share=_env_float("APEX_UNMAPPED_LABEL_MAX_SHARE", 0.01),
+        agreement_min_overall=_env_float("APEX_AGREEMENT_MIN_OVERALL", 0.90),
+        agreement_min_class={
+            k: float(v)
+            for k, v in _env_pairs("APEX_AGREEMENT_MIN_CLASS", "CRACK=0.95,NO_DEFECT=0.90").items()
+        },
+        agreement_min_pair={
+            tuple(k.split("+", 1)): float(v)  # type: ignore[misc]
+            for k, v in _env_pairs(
+                "APEX_AGREEMENT_MIN_PAIR", "SURFACE_SCRATCH+SURFACE_PIT=0.80"
+            ).items()
+        },
+        camera_balance_tolerance=_env_float("APEX_CAMERA_BALANCE_TOLERANCE", 3.0),
+        image_sources=_env_list("APEX_IMAGE_SOURCES"),
         neu_det_dir=Path(_env("APEX_NEU_DET_DIR", str(_default_neu_det_dir())) or "").resolve(),
     )
 

@@ -7,6 +7,7 @@ servers through configuration (see ``apex_assets/config.py``).
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
@@ -58,19 +59,58 @@ class LakeResource(dg.ConfigurableResource):
         return self.local_dir
 
 
-def build_resources(settings: Settings | None = None) -> dict[str, dg.ConfigurableResource]:
+def build_resources(settings: Settings | None = None) -> dict[str, object]:
     settings = settings or load_settings()
+    lake = LakeResource(
+        local_dir=str(settings.lake_dir),
+        s3_bucket=settings.s3_bucket,
+        s3_prefix=settings.s3_prefix,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        s3_region=settings.s3_region,
+    )
     return {
         "source_db": SourceDatabaseResource(
             url=settings.source_db_url,
             embedded_dir=str(settings.embedded_pg_dir),
             database=settings.source_db_name,
         ),
-        "lake": LakeResource(
-            local_dir=str(settings.lake_dir),
-            s3_bucket=settings.s3_bucket,
-            s3_prefix=settings.s3_prefix,
-            s3_endpoint_url=settings.s3_endpoint_url,
-            s3_region=settings.s3_region,
-        ),
+        "lake": lake,
+        "lake_io": LakeParquetIOManager(lake=lake),
     }
+
+
+class LakeParquetIOManager(dg.ConfigurableIOManager):
+    """Stores Polars DataFrame outputs as ``curated/<asset key>.parquet`` in the lake.
+
+    Why an IO manager: the curation and later assets pass tables to each other;
+    Dagster then owns where they live (folder or S3, whatever the lake is) and
+    downstream assets just take a DataFrame argument.
+    """
+
+    lake: dg.ResourceDependency[LakeResource]
+
+    def _key(self, context: dg.OutputContext | dg.InputContext) -> str:
+        return "curated/" + "/".join(context.asset_key.path) + ".parquet"
+
+    def handle_output(self, context: dg.OutputContext, obj: pl.DataFrame) -> None:
+        if not isinstance(obj, pl.DataFrame):
+            raise TypeError(f"{context.asset_key.to_user_string()} must return a polars DataFrame")
+        self.lake.get_lake().write(self._key(context), obj)
+        context.add_output_metadata(
+            {
+                "dagster/row_count": obj.height,
+                "dagster/column_schema": dg.TableSchema(
+                    columns=[dg.TableColumn(n, str(t)) for n, t in obj.schema.items()]
+                ),
+                "lake_key": self._key(context),
+            }
+        )
+
+    def load_input(self, context: dg.InputContext) -> pl.DataFrame:
+        frame = self.lake.get_lake().read(self._key(context))
+        if frame is None:
+            raise FileNotFoundError(
+                f"{context.asset_key.to_user_string()} has not been materialized into the lake "
+                f"({self._key(context)}); materialize it first"
+            )
+        return frame

@@ -1,0 +1,370 @@
+"""Curation: from raw plant tables to one labelled row per image.
+
+Three steps, each a pure Polars function that the Dagster assets call:
+
+* :func:`label_profile` shows the label mess: raw label x plant counts with the
+  standardized class beside each, unmapped labels included (never hidden);
+* :func:`standardize_labels` maps raw labels through the ontology and filters
+  on annotator confidence. Nothing is dropped silently: every annotation that
+  does not make it is returned in ``rejected`` with its reason;
+* :func:`training_images` resolves one label per image (the rule lives in
+  :func:`apex_assets.lib.agreement.resolve_image_labels`), joins the context
+  (part, camera, line, plant, order, inspector decision) and applies the
+  training window.
+
+An image whose *only* annotations were rejected (unknown label, low
+confidence) is excluded, not labelled NO_DEFECT: somebody saw a defect on it,
+and calling it defect-free would teach the model the wrong thing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from dataclasses import dataclass
+
+import polars as pl
+
+from apex_assets.lib.agreement import resolve_image_labels
+from apex_assets.lib.ontology import NO_DEFECT, Ontology
+
+
+class CurationError(ValueError):
+    """The inputs cannot produce a training set (empty tables, missing columns)."""
+
+
+def _require(frame: pl.DataFrame, name: str, columns: list[str]) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise CurationError(
+            f"{name} lacks column(s) {', '.join(missing)}; has it been ingested? "
+            f"(columns present: {', '.join(frame.columns) or 'none'})"
+        )
+
+
+def select_sources(
+    images: pl.DataFrame, annotations: pl.DataFrame, sources: tuple[str, ...] | None
+) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    """Keep the images of the given ``image_metadata.source`` values (None = all) and their
+    annotations; annotations whose image does not exist at all are kept so that
+    :func:`standardize_labels` reports them. Returns (images, annotations, images left out)."""
+    if sources is None or "source" not in images.columns:
+        return images, annotations, 0
+    chosen = images.filter(pl.col("source").is_in(list(sources)))
+    others = images.join(chosen.select("image_id"), on="image_id", how="anti").select("image_id")
+    kept = annotations.join(others, on="image_id", how="anti")
+    return chosen, kept, others.height
+
+
+def image_plants(
+    images: pl.DataFrame, equipment: pl.DataFrame, orders: pl.DataFrame
+) -> pl.DataFrame:
+    """image_id -> plant_id: from the machine's registry entry, else the order, else "unknown"."""
+    out = images.select("image_id", "machine_id", "production_order_id")
+    if equipment.height and "plant_id" in equipment.columns:
+        out = out.join(
+            equipment.select("machine_id", pl.col("plant_id").alias("_plant_machine")),
+            on="machine_id",
+            how="left",
+        )
+    else:
+        out = out.with_columns(_plant_machine=pl.lit(None, pl.String))
+    if orders.height and "plant_id" in orders.columns:
+        out = out.join(
+            orders.select("production_order_id", pl.col("plant_id").alias("_plant_order")),
+            on="production_order_id",
+            how="left",
+        )
+    else:
+        out = out.with_columns(_plant_order=pl.lit(None, pl.String))
+    return out.select(
+        "image_id",
+        pl.coalesce("_plant_machine", "_plant_order", pl.lit("unknown")).alias("plant_id"),
+    )
+
+
+def label_profile(
+    annotations: pl.DataFrame, plants: pl.DataFrame, ontology: Ontology
+) -> pl.DataFrame:
+    """raw_label x plant_id counts with the standardized class (null = unmapped)."""
+    _require(annotations, "defect_annotations", ["image_id", "defect_type"])
+    counts = (
+        annotations.lazy()
+        .join(plants.lazy(), on="image_id", how="left")
+        .with_columns(pl.col("plant_id").fill_null("unknown"))
+        .group_by(pl.col("defect_type").alias("raw_label"), "plant_id")
+        .agg(pl.len().alias("annotations"))
+        .collect()
+    )
+    mapping = ontology.mapping_frame(counts["raw_label"].unique())
+    return counts.join(mapping, on="raw_label", how="left").sort(
+        ["class_id", "raw_label", "plant_id"], nulls_last=True
+    )
+
+
+def profile_pivot(profile: pl.DataFrame) -> pl.DataFrame:
+    """The seed's table: one row per raw label, one column per plant, the class beside it."""
+    if profile.is_empty():
+        return profile
+    wide = profile.pivot(
+        on="plant_id",
+        index=["raw_label", "class_id"],
+        values="annotations",
+        aggregate_function="sum",
+    ).fill_null(0)
+    plants = sorted(c for c in wide.columns if c not in ("raw_label", "class_id"))
+    return wide.select(
+        "raw_label",
+        pl.col("class_id").fill_null("UNMAPPED").alias("standardized"),
+        *plants,
+        pl.sum_horizontal(plants).alias("total"),
+    ).sort(["standardized", "total"], descending=[False, True])
+
+
+@dataclass(frozen=True)
+class StandardizedLabels:
+    labels: pl.DataFrame  # one row per kept annotation, with class_id
+    rejected: pl.DataFrame  # annotation_id, image_id, raw_label, confidence, reason
+
+    def reasons(self) -> dict[str, int]:
+        if self.rejected.is_empty():
+            return {}
+        counts = self.rejected.group_by("reason_kind").len().sort("len", descending=True)
+        return {str(k): int(v) for k, v in counts.iter_rows()}
+
+
+def standardize_labels(
+    annotations: pl.DataFrame,
+    images: pl.DataFrame,
+    ontology: Ontology,
+    *,
+    min_confidence: int,
+) -> StandardizedLabels:
+    """Map raw labels to ontology classes; reject (with reason) unmapped, low-confidence
+    and orphan annotations (whose image is not in image_metadata)."""
+    _require(
+        annotations,
+        "defect_annotations",
+        ["annotation_id", "image_id", "defect_type", "annotator_id", "confidence"],
+    )
+    _require(images, "image_metadata", ["image_id"])
+    mapping = ontology.mapping_frame(annotations["defect_type"].unique()).rename(
+        {"raw_label": "defect_type"}
+    )
+    known = images.select("image_id").unique().with_columns(_image_known=pl.lit(True))
+    lazy = (
+        annotations.lazy()
+        .join(mapping.lazy(), on="defect_type", how="left")
+        .join(known.lazy(), on="image_id", how="left")
+        .with_columns(
+            reason_kind=pl.when(pl.col("_image_known").is_null())
+            .then(pl.lit("image not in image_metadata"))
+            .when(pl.col("class_id").is_null())
+            .then(pl.lit("label not in ontology"))
+            .when(pl.col("confidence") < min_confidence)
+            .then(pl.lit(f"confidence below {min_confidence}"))
+            .otherwise(pl.lit(None, pl.String))
+        )
+    )
+    frame = lazy.collect()
+    severity = pl.DataFrame(
+        {
+            "class_id": [c.id for c in ontology.classes],
+            "_default_severity": [ontology.default_severity(c.id) for c in ontology.classes],
+        },
+        schema={"class_id": pl.String, "_default_severity": pl.String},
+    )
+    keep_cols = [
+        c
+        for c in (
+            "annotation_id",
+            "image_id",
+            "annotator_id",
+            "class_id",
+            "defect_type",
+            "confidence",
+            "severity",
+            "box_x",
+            "box_y",
+            "box_width",
+            "box_height",
+            "annotated_at",
+        )
+        if c in frame.columns
+    ]
+    labels = (
+        frame.filter(pl.col("reason_kind").is_null())
+        .join(severity, on="class_id", how="left")
+        .with_columns(
+            severity=pl.coalesce(pl.col("severity"), pl.col("_default_severity"))
+            if "severity" in frame.columns
+            else pl.col("_default_severity")
+        )
+        .select([*keep_cols] if "severity" in keep_cols else [*keep_cols, "severity"])
+        .rename({"defect_type": "raw_label"})
+        .sort("annotation_id")
+    )
+    rejected = (
+        frame.filter(pl.col("reason_kind").is_not_null())
+        .select(
+            "annotation_id",
+            "image_id",
+            pl.col("defect_type").alias("raw_label"),
+            "confidence",
+            "reason_kind",
+            pl.format(
+                "{}: raw label {}, confidence {}",
+                "reason_kind",
+                pl.col("defect_type").fill_null("null"),
+                pl.col("confidence").cast(pl.String).fill_null("null"),
+            ).alias("reason"),
+        )
+        .sort("annotation_id")
+    )
+    return StandardizedLabels(labels, rejected)
+
+
+def majority_decision(results: pl.DataFrame) -> pl.DataFrame:
+    """image_id -> inspector_decision: the most frequent decision, ties to the non-PASS one."""
+    if results.is_empty() or "decision" not in results.columns:
+        return pl.DataFrame(schema={"image_id": pl.String, "inspector_decision": pl.String})
+    order = {"FAIL": 0, "REWORK": 1, "PASS": 2}
+    return (
+        results.group_by("image_id", "decision")
+        .len()
+        .with_columns(_rank=pl.col("decision").replace_strict(order, default=3))
+        .sort(["image_id", "len", "_rank"], descending=[False, True, False])
+        .group_by("image_id", maintain_order=True)
+        .first()
+        .select("image_id", pl.col("decision").alias("inspector_decision"))
+    )
+
+
+def window_bounds(
+    images: pl.DataFrame, *, days: int, end: dt.date | None
+) -> tuple[dt.datetime, dt.datetime]:
+    """[start, end) of the training window. Without an explicit end, the window ends at the
+    newest capture in the data (not the wall clock), so re-running gives the same set."""
+    if end is not None:
+        stop = dt.datetime.combine(end + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+    else:
+        newest = images["capture_timestamp"].max()
+        if newest is None:
+            raise CurationError("image_metadata is empty: nothing to build a training set from")
+        stop = newest + dt.timedelta(microseconds=1)  # type: ignore[operator]
+    return stop - dt.timedelta(days=days), stop
+
+
+@dataclass(frozen=True)
+class TrainingImages:
+    images: pl.DataFrame
+    window: tuple[dt.datetime, dt.datetime]
+    outside_window: int
+    excluded_rejected_only: int  # images whose every annotation was rejected
+
+
+def training_images(
+    images: pl.DataFrame,
+    labels: pl.DataFrame,
+    rejected: pl.DataFrame,
+    results: pl.DataFrame,
+    plants: pl.DataFrame,
+    ontology: Ontology,
+    *,
+    window_days: int,
+    window_end: dt.date | None = None,
+) -> TrainingImages:
+    """One row per image in the window: label, box, severity and its context."""
+    _require(
+        images,
+        "image_metadata",
+        ["image_id", "image_path", "capture_timestamp", "camera_id", "production_order_id"],
+    )
+    if images.is_empty():
+        raise CurationError("image_metadata is empty: nothing to build a training set from")
+    start, stop = window_bounds(images, days=window_days, end=window_end)
+    in_window = images.filter(pl.col("capture_timestamp").is_between(start, stop, closed="left"))
+    resolved = resolve_image_labels(labels, severity_rank=ontology.severity_rank())
+    rejected_only = (
+        rejected.select("image_id")
+        .unique()
+        .join(resolved.select("image_id"), on="image_id", how="anti")
+    )
+    base = in_window.join(rejected_only, on="image_id", how="anti")
+    excluded = in_window.height - base.height
+    box_cols = [
+        c
+        for c in ("box_x", "box_y", "box_width", "box_height", "severity", "confidence")
+        if c in resolved.columns
+    ]
+    out = (
+        base.select(
+            "image_id",
+            "image_path",
+            "capture_timestamp",
+            "camera_id",
+            "production_order_id",
+            *[
+                c
+                for c in ("part_type", "line_id", "machine_id", "source", "width", "height")
+                if c in base.columns
+            ],
+        )
+        .join(
+            resolved.select("image_id", "label", "n_annotators", "agreement", *box_cols),
+            on="image_id",
+            how="left",
+        )
+        .join(plants, on="image_id", how="left")
+        .join(majority_decision(results), on="image_id", how="left")
+        .with_columns(
+            label=pl.col("label").fill_null(NO_DEFECT),
+            n_annotators=pl.col("n_annotators").fill_null(0),
+            part_type=pl.col("part_type").fill_null("unknown")
+            if "part_type" in base.columns
+            else pl.lit("unknown"),
+            plant_id=pl.col("plant_id").fill_null("unknown"),
+        )
+        .sort("image_id")
+    )
+    return TrainingImages(out, (start, stop), images.height - in_window.height, excluded)
+
+
+def class_counts(frame: pl.DataFrame, column: str = "label") -> dict[str, int]:
+    return {str(k): int(v) for k, v in frame.group_by(column).len().sort(column).iter_rows()}
+
+
+def defect_distribution_png(training: pl.DataFrame, *, title: str) -> bytes:
+    """Bar chart of defect images per production line, stacked by class (like the seed's)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    defects = training.filter(pl.col("label") != NO_DEFECT)
+    line_col = "line_id" if "line_id" in defects.columns else "camera_id"
+    table = (
+        defects.group_by(pl.col(line_col).fill_null("unknown").alias("line"), "label")
+        .len()
+        .pivot(on="label", index="line", values="len")
+        .fill_null(0)
+        .sort("line")
+    )
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    bottom = [0] * table.height
+    classes = [c for c in table.columns if c != "line"]
+    for cls in sorted(classes):
+        values = table[cls].to_list()
+        ax.bar(table["line"].to_list(), values, bottom=bottom, label=cls)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_ylabel("defect images")
+    ax.set_xlabel("production line")
+    ax.set_title(title)
+    if classes:
+        ax.legend(fontsize=8, ncols=2)
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
