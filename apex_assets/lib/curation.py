@@ -22,10 +22,12 @@ from __future__ import annotations
 import datetime as dt
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import polars as pl
 
 from apex_assets.lib.agreement import resolve_image_labels
+from apex_assets.lib.leakage import content_hashes
 from apex_assets.lib.ontology import NO_DEFECT, Ontology
 
 
@@ -152,6 +154,7 @@ def standardize_labels(
         {"raw_label": "defect_type"}
     )
     known = images.select("image_id").unique().with_columns(_image_known=pl.lit(True))
+    model_classes = ontology.class_ids(include_no_defect=True)
     lazy = (
         annotations.lazy()
         .join(mapping.lazy(), on="defect_type", how="left")
@@ -161,6 +164,8 @@ def standardize_labels(
             .then(pl.lit("image not in image_metadata"))
             .when(pl.col("class_id").is_null())
             .then(pl.lit("label not in ontology"))
+            .when(~pl.col("class_id").is_in(model_classes))
+            .then(pl.lit("label names a parent class, not a model class"))
             .when(pl.col("confidence") < min_confidence)
             .then(pl.lit(f"confidence below {min_confidence}"))
             .otherwise(pl.lit(None, pl.String))
@@ -273,8 +278,12 @@ def training_images(
     *,
     window_days: int,
     window_end: dt.date | None = None,
+    image_root: Path | None = None,
 ) -> TrainingImages:
-    """One row per image in the window: label, box, severity and its context."""
+    """One row per image in the window: label, box, severity and its context.
+
+    With ``image_root``, each image's file is hashed (``content_hash``, null where
+    the file is missing): identical files are kept in one split downstream."""
     _require(
         images,
         "image_metadata",
@@ -327,7 +336,44 @@ def training_images(
         )
         .sort("image_id")
     )
+    if image_root is not None:
+        hashes = content_hashes(image_root, out.select("image_id", "image_path"))
+        out = out.join(hashes, on="image_id", how="left")
     return TrainingImages(out, (start, stop), images.height - in_window.height, excluded)
+
+
+def split_groups(frame: pl.DataFrame, *, max_rounds: int = 20) -> pl.DataFrame:
+    """Add ``split_group``: production orders joined when they share an identical image file.
+
+    Splitting by production order alone is not enough when the same bytes are
+    stored twice (NEU-DET has such a pair: patches_101.jpg == patches_105.jpg):
+    the copies could land in train and test. Orders linked by a content hash
+    form one group (connected components, by repeated min-label propagation),
+    and images without an order are their own group.
+    """
+    order = pl.coalesce(pl.col("production_order_id"), pl.lit("image:") + pl.col("image_id"))
+    out = frame.with_columns(split_group=order)
+    if "content_hash" not in frame.columns or frame["content_hash"].null_count() == frame.height:
+        return out
+    for _ in range(max_rounds):
+        by_hash = (
+            out.filter(pl.col("content_hash").is_not_null())
+            .group_by("content_hash")
+            .agg(pl.col("split_group").min().alias("_hash_min"))
+        )
+        step = out.join(by_hash, on="content_hash", how="left").with_columns(
+            _cand=pl.min_horizontal("split_group", "_hash_min")
+        )
+        by_group = step.group_by("split_group").agg(pl.col("_cand").min().alias("_group_min"))
+        new = (
+            step.join(by_group, on="split_group", how="left")
+            .with_columns(split_group=pl.col("_group_min"))
+            .drop("_hash_min", "_cand", "_group_min")
+        )
+        if new["split_group"].equals(out["split_group"]):
+            return new
+        out = new
+    return out
 
 
 def class_counts(frame: pl.DataFrame, column: str = "label") -> dict[str, int]:

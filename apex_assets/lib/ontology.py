@@ -496,10 +496,8 @@ def _class_problems(classes: list[Any], scale: list[str]) -> list[str]:
             if not key:
                 add(f"{where}: alias {alias!r} is empty after normalisation")
             elif key in own_keys:
-                add(
-                    f"{where}: duplicate alias {alias!r} "
-                    f"(same as {own_keys[key]!r} after normalisation: {key!r})"
-                )
+                same = "" if alias == own_keys[key] else f" (same as {own_keys[key]!r}: {key!r})"
+                add(f"{where}: duplicate alias {alias!r}{same}")
             else:
                 own_keys[key] = alias
         self_keys = {}

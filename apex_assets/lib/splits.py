@@ -16,18 +16,23 @@ the same rows in any order give the same result, and the hash is plain 64-bit in
 arithmetic in NumPy (:func:`_stable_hash`), so it does not change with the Polars
 version (``Series.hash`` is only stable within one Polars release).
 
-Guarantees of :func:`assign_splits` (measured by ``apex_assets_tests/lib/test_splits.py``
-on plant-like data: 25K orders of 1-40 images, 9 classes, 5 part types):
+Guarantees of :func:`assign_splits` (tested in ``apex_assets_tests/lib/test_splits.py``;
+measured on plant-like data: 800 to 25K orders of 1-40 images on concurrent lines,
+9 classes, 5 part types, 1 % of images without an order, 6 seeds, splits 70/15/15,
+80/10/10 and 60/20/20):
 
 * grouped: an order (and so a physical part) is in exactly one split;
 * stratified by ``(label, part_type)``: for every stratum with at least
-  :data:`TOLERANCE_MIN_ORDERS` orders, each split's share of the stratum's images is
-  within :data:`STRATUM_TOLERANCE` (5 points) of its target; measured worst case is
-  about 1 point for strata of 40-100 orders and under 0.2 point for large strata.
-  Strata with few orders cannot be split finely (3 orders cannot make 70/15/15): they
-  get the best the greedy finds, and :func:`split_summary` shows it;
+  :data:`TOLERANCE_MIN_ORDERS` (40) orders, each split's share of the stratum's images
+  is within :data:`STRATUM_TOLERANCE` (5 points) of its target. Measured worst cases:
+  4.3 points for strata of 40-100 orders (a 400-image stratum whose largest order held
+  8 % of it), 0.9 point from 100 orders, 0.25 point from 300, 0.05 point from 1,000.
+  Strata with few orders cannot be split finely (3 orders cannot make 70/15/15), nor
+  can one where a single order holds a large share: they get what the greedy finds,
+  and :func:`split_summary` shows it;
 * ``temporal=True``: ``max(capture of train) < min(capture of test)`` strictly, with
-  orders kept whole; see :func:`assign_splits` for the rule at the boundaries.
+  orders kept whole; see :func:`assign_splits` for the rule at the boundaries;
+* speed: 245K images in 25K orders split in ~0.1 s, 250K single-image groups in ~0.6 s.
 """
 
 from __future__ import annotations
@@ -61,7 +66,6 @@ FOLD_COLUMNS: tuple[str, ...] = ("image_id", "label", "part_type", "capture_time
 _ORPHAN_PREFIX = "\x1fimage:"
 _U64 = np.uint64
 _MASK64 = (1 << 64) - 1
-_REFINE_PASSES = 3
 
 
 class SplitError(ValueError):
@@ -379,38 +383,6 @@ def _greedy_stratified(keyed: pl.DataFrame, config: SplitConfig) -> pl.DataFrame
             share[s][best_k] += w
         placed[best_k] += sizes[g]
         chosen[g] = best_k
-    # Refinement: move single groups between splits while that lowers the objective
-    # (smallest groups first: the finest corrections). A few passes settle it.
-    for _ in range(_REFINE_PASSES):
-        moved = 0
-        for g in range(groups.height - 1, -1, -1):
-            a, b = bounds[g], bounds[g + 1]
-            ss, ws = s_of[a:b], w_of[a:b]
-            k0 = chosen[g]
-            f0 = fractions[k0]
-            best_k, best = k0, -1e-12
-            for k in active:
-                if k == k0:
-                    continue
-                fk = fractions[k]
-                delta = 0.0
-                for s, w in zip(ss, ws, strict=True):
-                    row = share[s]
-                    delta += (w - 2.0 * (row[k0] - f0)) * w / f0 + (
-                        2.0 * (row[k] - fk) + w
-                    ) * w / fk
-                if delta < best:
-                    best_k, best = k, delta
-            if best_k != k0:
-                for s, w in zip(ss, ws, strict=True):
-                    share[s][k0] -= w
-                    share[s][best_k] += w
-                placed[k0] -= sizes[g]
-                placed[best_k] += sizes[g]
-                chosen[g] = best_k
-                moved += 1
-        if not moved:
-            break
     return groups.select("_group", _split=pl.Series(chosen, dtype=pl.Int64))
 
 
@@ -466,19 +438,24 @@ def assign_splits(images: pl.DataFrame, config: SplitConfig) -> pl.DataFrame:
     started before the last train capture but landed in test goes to val (orders from
     concurrent lines overlap in time). Result: ``max(train capture) < min(test capture)``
     strictly, every val order ends after every train order, and val's share can exceed
-    its target by those long orders. Not stratified: a rare class may miss a split (see
-    :func:`split_summary`).
+    its target by those long orders (with ``val=0`` they still go to val, the only place
+    that keeps test strictly later). ``max(val) < min(test)`` is not guaranteed. Not
+    stratified: a rare class may miss a split (see :func:`split_summary`).
 
     Raises :class:`SplitError` for no images, a class under ``min_images_per_class`` or a
     split with a positive target that gets no images; ``ValueError`` for missing columns,
-    nulls in ``image_id``/``label``/``capture_timestamp`` or duplicate ``image_id``.
+    nulls in ``image_id``/``label`` (and ``capture_timestamp`` when temporal) or a
+    duplicate ``image_id``. A null ``part_type`` is a stratum of its own.
     """
     _require(images, SPLIT_COLUMNS, "assign_splits")
     if "split" in images.columns:
         raise ValueError("assign_splits: input already has a 'split' column")
     if images.height == 0:
         raise SplitError("no images to split")
-    _require_non_null(images, ("image_id", "label", "capture_timestamp"), "assign_splits")
+    not_null = (
+        ("image_id", "label", "capture_timestamp") if config.temporal else ("image_id", "label")
+    )
+    _require_non_null(images, not_null, "assign_splits")
     _require_unique_ids(images, "assign_splits")
     _check_class_minimum(images, config.min_images_per_class)
 

@@ -26,10 +26,14 @@ def _ingest_everything(uri: str, lake_dir: Path) -> None:
     lake = LocalLake(lake_dir)
     start = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
     end = dt.datetime.combine(END_DATE + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
-    days = [f"capture_date={(start + dt.timedelta(days=i)).date()}" for i in range((end - start).days)]
+    days = [
+        f"capture_date={(start + dt.timedelta(days=i)).date()}" for i in range((end - start).days)
+    ]
     for spec in ingestion.SOURCE_TABLES:
         cursors = dict.fromkeys(days) if spec.partitioned else {"all": None}
-        ingestion.ingest(uri, lake, spec, cursors=cursors, window=(start, end) if spec.partitioned else None)
+        ingestion.ingest(
+            uri, lake, spec, cursors=cursors, window=(start, end) if spec.partitioned else None
+        )
 
 
 def _fresh_db(pg_server, name: str) -> str:
@@ -44,7 +48,15 @@ def tiny_plant(pg_server, tmp_path_factory):
     """The tiny plant simulated, rendered and ingested once for this module: (lake, image root)."""
     base = tmp_path_factory.mktemp("tiny_plant")
     uri = _fresh_db(pg_server, "curation_tiny")
-    simulate_plant(uri, scale="tiny", seed=7, end_date=END_DATE, image_root=base / "nas", render="all", image_size=64)
+    simulate_plant(
+        uri,
+        scale="tiny",
+        seed=7,
+        end_date=END_DATE,
+        image_root=base / "nas",
+        render="all",
+        image_size=64,
+    )
     _ingest_everything(uri, base / "lake")
     return base / "lake", base / "nas"
 
@@ -83,10 +95,7 @@ def _materialize(lake_src: Path, image_root: Path, tmp_path: Path, monkeypatch, 
         materialized = {
             e.asset_key.to_user_string() for e in result.get_asset_materialization_events()
         }
-        checks = {
-            e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data
-            for e in result.get_asset_check_evaluations()
-        }
+        checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     return result, materialized, checks, lake.get_lake()
 
 
@@ -117,7 +126,9 @@ def test_curation_chain_on_the_tiny_plant(tiny_plant, tmp_path, monkeypatch):
     assert 0.85 < agreement_meta["overall"].value < 0.97
 
     profile = lake.read("curated/label_profile.parquet")
-    unmapped = profile.filter(pl.col("class_id").is_null())["raw_label"].str.to_lowercase().to_list()
+    unmapped = (
+        profile.filter(pl.col("class_id").is_null())["raw_label"].str.to_lowercase().to_list()
+    )
     assert any("stain" in label or "discoloration" in label for label in unmapped)
     assert profile.filter(pl.col("raw_label") == "pitting")["class_id"].unique().to_list() == [
         "SURFACE_PIT"
@@ -153,6 +164,7 @@ def test_temporal_mode_orders_test_after_train(tiny_plant, tmp_path, monkeypatch
     result, _, checks, lake = _materialize(
         *tiny_plant, tmp_path, monkeypatch, APEX_SPLIT_TEMPORAL="true"
     )
+    assert result.success
     assert checks["temporal_order"].passed, checks["temporal_order"].description
     splits = lake.read("curated/balanced_splits.parquet")
     train_max = splits.filter(pl.col("split") == "train")["capture_timestamp"].max()
@@ -173,7 +185,12 @@ def test_curation_on_neu_with_the_neu_ontology(neu_plant, tmp_path, monkeypatch)
     assert len(counts) == 6 and "NO_DEFECT" not in counts
     assert all(200 <= n <= 300 for n in counts.values()), counts
     # content hashes were computed from the real files through the image-root link
-    assert checks["no_image_overlap"].metadata["content_hashed"].value == 1500
+    assert checks["no_image_overlap"].metadata["content_hashed_images"].value == 1500
+    # NEU-DET stores one image twice (patches_101.jpg == patches_105.jpg): both copies
+    # must land in the same split although they belong to different production orders
+    splits = lake.read("curated/balanced_splits.parquet")
+    twins = splits.filter(pl.col("image_path").str.contains(r"patches_10[15]\.jpg$"))
+    assert twins.height == 2 and twins["split"].n_unique() == 1
 
 
 def test_switching_ontology_without_rebuilding_is_caught(tiny_plant, tmp_path, monkeypatch):

@@ -242,24 +242,27 @@ def test_no_defect_agreement_hand_example() -> None:
             ],
         }
     )
-    decisions = pl.DataFrame(
-        {
-            "image_id": ["i1", "i2", "i3", "i4"]
-            + ["i5"] * 3
-            + ["i6"] * 2
-            + ["i8"] * 3
-            + ["i9"]
-            + ["i10"] * 4
-            + ["i99"],
-            "decision": ["PASS", "FAIL", "PASS", "FAIL"]
-            + ["PASS", "PASS", "REWORK"]
-            + ["PASS", "FAIL"]
-            + ["PASS", "FAIL", "REWORK"]
-            + ["pass "]
-            + ["PASS", "PASS", "FAIL", "REWORK"]
-            + ["PASS"],
-        }
-    )
+    decision_rows = [
+        ("i1", "PASS"),
+        ("i2", "FAIL"),
+        ("i3", "PASS"),
+        ("i4", "FAIL"),
+        ("i5", "PASS"),
+        ("i5", "PASS"),
+        ("i5", "REWORK"),
+        ("i6", "PASS"),
+        ("i6", "FAIL"),
+        ("i8", "PASS"),
+        ("i8", "FAIL"),
+        ("i8", "REWORK"),
+        ("i9", "pass "),
+        ("i10", "PASS"),
+        ("i10", "PASS"),
+        ("i10", "FAIL"),
+        ("i10", "REWORK"),
+        ("i99", "PASS"),
+    ]
+    decisions = pl.DataFrame(decision_rows, schema=["image_id", "decision"], orient="row")
     # image  label      inspector verdict                        counted?  both no-defect?
     # i1     NO_DEFECT  PASS                                      yes       yes
     # i2     NO_DEFECT  FAIL                                      yes       no
@@ -432,9 +435,7 @@ def synthetic_labels(n_annotations: int = 38_000, seed: int = 0) -> pl.DataFrame
 
 def test_speed_38k_annotations() -> None:
     labels = synthetic_labels()
-    image_labels = pl.DataFrame(
-        {"image_id": [f"img{i}" for i in range(40_000)]}
-    ).with_columns(
+    image_labels = pl.DataFrame({"image_id": [f"img{i}" for i in range(40_000)]}).with_columns(
         pl.when(pl.int_range(pl.len()) % 3 == 0)
         .then(pl.lit("NO_DEFECT"))
         .otherwise(pl.lit("CRACK"))

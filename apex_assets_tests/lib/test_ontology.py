@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import re
 import time
 from pathlib import Path
 
@@ -470,9 +471,9 @@ def test_to_dict_round_trip(apex, neu):
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(OntologyError, match="unknown ontology 'nope'.*apex_defect_taxonomy"):
+    with pytest.raises(OntologyError, match=r"unknown ontology 'nope'.*apex_defect_taxonomy"):
         load_ontology("nope")
-    with pytest.raises(OntologyError, match="missing.json"):
+    with pytest.raises(OntologyError, match=r"missing\.json"):
         load_ontology(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text('{"ontology": "x",', encoding="utf-8")
@@ -527,7 +528,7 @@ def _cls(cid: str, **kw) -> dict:
         ),
         (
             lambda d: d["classes"][1].update(aliases=["scuff mark", "Scuff-Mark"]),
-            r"class 'SCRATCH': duplicate alias 'Scuff-Mark' \(same as 'scuff mark'",
+            r"class 'SCRATCH': duplicate alias 'Scuff-Mark' \(same as 'scuff mark': 'scuff_mark'\)",
         ),
         (
             lambda d: d["classes"][1].update(aliases=["FRACTURE"]),
@@ -600,7 +601,9 @@ def test_validation_errors_name_the_offending_entry(tmp_path, mutate, pattern):
     data = minimal()
     mutate(data)
     error = load_error(tmp_path, data)
-    assert pytest.raises(OntologyError, validate_taxonomy, data, source="x").match(pattern)
+    assert re.search(pattern, str(error)), str(error)
+    with pytest.raises(OntologyError, match=pattern):
+        validate_taxonomy(data, source="x")
     assert error.problems and all(p.startswith(str(tmp_path)) for p in error.problems)
 
 

@@ -186,6 +186,7 @@ def training_images(
         ontology,
         window_days=settings.training_window_days,
         window_end=settings.training_window_end,
+        image_root=settings.image_root,
     )
     frame = built.images
     chart = curation.defect_distribution_png(
@@ -234,12 +235,31 @@ def balanced_splits(training_images: pl.DataFrame) -> dg.Output[pl.DataFrame]:
     config = splits.SplitConfig(
         train=train, val=val, test=test, seed=settings.split_seed, temporal=settings.split_temporal
     )
-    assigned = splits.assign_folds(splits.assign_splits(balanced, config), config.n_folds)
+    # Split by production order, with orders that share an identical image file joined.
+    grouped = curation.split_groups(balanced)
+    assigned = (
+        splits.assign_splits(
+            grouped.with_columns(
+                _order=pl.col("production_order_id"), production_order_id=pl.col("split_group")
+            ),
+            config,
+        )
+        .with_columns(production_order_id=pl.col("_order"))
+        .drop("_order")
+    )
+    assigned = splits.assign_folds(assigned, config.n_folds)
+    merged_orders = grouped["split_group"].n_unique()
     summary = splits.split_summary(assigned)
     return dg.Output(
         assigned.sort("image_id"),
         metadata={
             "images": assigned.height,
+            "split_groups": merged_orders,
+            "duplicate_files_joined": int(
+                grouped.filter(pl.col("content_hash").is_duplicated())["image_id"].len()
+            )
+            if "content_hash" in grouped.columns
+            else 0,
             "no_defect_before": report.no_defect_before,
             "no_defect_after": report.no_defect_after,
             "no_defect_target": report.target,
