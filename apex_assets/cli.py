@@ -292,6 +292,65 @@ def _demo_end_date(settings: Settings) -> dt.date:
     return end_date
 
 
+def run_curation(settings: Settings) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """Materialize the curation job in this process: (assets with metadata, check results)."""
+    import dagster as dg
+
+    from apex_assets.definitions import defs
+
+    prepare_dagster_home(settings)
+    instance = dg.DagsterInstance.get()
+    result = defs.resolve_job_def("curation_job").execute_in_process(
+        instance=instance, run_config=QUIET_LOGS, raise_on_error=False
+    )
+    assets = []
+    for event in result.get_asset_materialization_events():
+        mat = event.step_materialization_data.materialization
+        assets.append(
+            {
+                "asset": mat.asset_key.to_user_string(),
+                **{k: v.value for k, v in mat.metadata.items()},
+            }
+        )
+    checks = [
+        {
+            "check": e.check_name,
+            "passed": e.passed,
+            "severity": e.severity.value,
+            "description": e.description or "",
+        }
+        for e in result.get_asset_check_evaluations()
+    ]
+    return assets, checks
+
+
+def _print_curation(assets: list[dict[str, object]], checks: list[dict[str, object]]) -> None:
+    for row in assets:
+        rows = row.get("dagster/row_count", "?")
+        say(
+            f"  {row['asset']:22s} {rows:>9,} rows"
+            if isinstance(rows, int)
+            else f"  {row['asset']}"
+        )
+    for check in checks:
+        status = "PASS" if check["passed"] else f"FAIL ({check['severity']})"
+        say(f"  check {check['check']:28s} {status:13s} {str(check['description'])[:110]}")
+
+
+def _demo_environment(dataset: str) -> None:
+    """Per data set, the ontology and sources curation uses (unless the user set them).
+
+    The real NEU images get their own home (database, lake, Dagster instance) and the
+    NEU ontology; the default demo curates the synthetic plant with the Apex taxonomy.
+    """
+    if dataset == "neu":
+        home = load_settings().home
+        os.environ["APEX_HOME"] = str(home / "neu")
+        os.environ.setdefault("APEX_ONTOLOGY", "neu_steel")
+    elif dataset == "both":
+        os.environ.setdefault("APEX_IMAGE_SOURCES", "simulator")
+
+
 @main.command()
 @click.option("--scale", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True)
 @click.option(
@@ -299,7 +358,8 @@ def _demo_end_date(settings: Settings) -> dt.date:
     type=click.Choice(["synthetic", "neu", "both"]),
     default="both",
     show_default=True,
-    help="Which source data to load: the synthetic plant, the real NEU-DET images, or both.",
+    help="Source data: the synthetic plant, the real NEU-DET images (own home, NEU ontology), "
+    "or both loaded (the synthetic plant is curated).",
 )
 @click.option("--seed", type=int, default=7, show_default=True)
 def demo(scale: str, dataset: str, seed: int) -> None:
@@ -307,11 +367,14 @@ def demo(scale: str, dataset: str, seed: int) -> None:
     from apex_assets.lib import source_db
     from apex_assets.simulator.plant import simulate_plant
 
+    _demo_environment(dataset)
     settings = load_settings()
     started = time.perf_counter()
-    say(f"Apex demo: home {settings.home}")
+    stages: dict[str, float] = {}
+    say(f"Apex demo ({dataset}): home {settings.home}, ontology {settings.ontology}")
     uri = source_uri(settings)
     say(f"source database ready: {_describe_db(settings)}")
+    mark = time.perf_counter()
     if dataset in ("synthetic", "both"):
         end_date = _demo_end_date(settings)
         summary = simulate_plant(
@@ -341,23 +404,50 @@ def demo(scale: str, dataset: str, seed: int) -> None:
             "hot_rolled_steel_strip",
             "neu-det",
         )
+    stages["source data"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     done = run_cdc_once(settings)
     say("ingestion (CDC into the lake):" if done else "ingestion: lake already up to date")
     _print_ingestion(done)
+    stages["ingestion"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    say("curation (ontology, labels, splits, checks):")
+    curated, checks = run_curation(settings)
+    _print_curation(curated, checks)
+    stages["curation"] = time.perf_counter() - mark
 
     counts = source_db.count_rows(uri, source_db.SOURCE_TABLES)
     click.echo("\n== Apex demo summary ==")
     click.echo(f"source database: {_describe_db(settings)}")
     for table, n in counts.items():
         click.echo(f"  {table:34s} {n:>10,} rows")
+    splits_meta = next((a for a in curated if a["asset"] == "balanced_splits"), None)
+    if splits_meta:
+        click.echo(
+            f"training set: {splits_meta.get('dagster/row_count', '?'):,} images "
+            f"(ontology {settings.ontology}), class balance in the Dagster UI"
+        )
+    failed = [c for c in checks if not c["passed"]]
+    click.echo(
+        f"checks: {len(checks) - len(failed)} passed, {len(failed)} failed"
+        + (": " + ", ".join(f"{c['check']} ({c['severity']})" for c in failed) if failed else "")
+    )
     click.echo(
         f"lake:        {(settings.s3_bucket and 's3://' + settings.s3_bucket) or settings.lake_dir}"
     )
     click.echo(f"images:      {settings.image_root}")
     click.echo(f"dagster:     {os.environ['DAGSTER_HOME']}")
-    click.echo(f"wall time:   {time.perf_counter() - started:.1f}s")
-    click.echo("next: `apex dev` opens the Dagster UI (asset catalog, cursors, quarantine counts);")
+    click.echo(
+        "wall time:   "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in stages.items())
+        + f"; total {time.perf_counter() - started:.1f}s"
+    )
+    click.echo("next: `apex dev` opens the Dagster UI (asset catalog, checks, cursors);")
     click.echo("      `apex psql` opens a SQL shell on the source database.")
+    if dataset == "both":
+        click.echo(
+            "      `apex demo --dataset neu` curates the real NEU-DET images with their ontology."
+        )
 
 
 @main.command()

@@ -42,9 +42,11 @@ from apex_assets.lib.lake import LocalLake
 from apex_assets.lib.lake_tables import read_table
 from apex_assets.lib.ontology import load_ontology
 
+from apex_assets.defs.curation.assets import CURATION_COLUMNS
+
 lake = LocalLake(Path(sys.argv[1]))
 t0 = time.perf_counter()
-raw = {n: read_table(lake, TABLES_BY_ASSET[n].raw) for n in
+raw = {n: read_table(lake, TABLES_BY_ASSET[n].raw, columns=CURATION_COLUMNS.get(n)) for n in
        ("image_metadata", "defect_annotations", "inspection_results", "equipment_registry", "production_orders")}
 t_read = time.perf_counter() - t0
 ontology = load_ontology("apex_defect_taxonomy")

@@ -230,18 +230,26 @@ def standardize_labels(
 
 
 def majority_decision(results: pl.DataFrame) -> pl.DataFrame:
-    """image_id -> inspector_decision: the most frequent decision, ties to the non-PASS one."""
+    """image_id -> inspector_decision: the most frequent decision, ties to the non-PASS one
+    (FAIL before REWORK before PASS). One pass of counts per image, no sort."""
     if results.is_empty() or "decision" not in results.columns:
         return pl.DataFrame(schema={"image_id": pl.String, "inspector_decision": pl.String})
-    order = {"FAIL": 0, "REWORK": 1, "PASS": 2}
-    return (
-        results.group_by("image_id", "decision")
-        .len()
-        .with_columns(_rank=pl.col("decision").replace_strict(order, default=3))
-        .sort(["image_id", "len", "_rank"], descending=[False, True, False])
-        .group_by("image_id", maintain_order=True)
-        .first()
-        .select("image_id", pl.col("decision").alias("inspector_decision"))
+    decision = pl.col("decision")
+    counts = results.group_by("image_id").agg(
+        fail=(decision == "FAIL").sum(),
+        rework=(decision == "REWORK").sum(),
+        passed=(decision == "PASS").sum(),
+    )
+    best = pl.max_horizontal("fail", "rework", "passed")
+    return counts.select(
+        "image_id",
+        inspector_decision=pl.when(best == 0)
+        .then(pl.lit(None, pl.String))
+        .when(pl.col("fail") == best)
+        .then(pl.lit("FAIL"))
+        .when(pl.col("rework") == best)
+        .then(pl.lit("REWORK"))
+        .otherwise(pl.lit("PASS")),
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,7 +23,7 @@ import polars as pl
 class Lake(Protocol):
     """Key/value store of Parquet objects. Keys are posix paths like ``raw/t/base/x.parquet``."""
 
-    def read(self, key: str) -> pl.DataFrame | None: ...
+    def read(self, key: str, columns: Sequence[str] | None = None) -> pl.DataFrame | None: ...
     def write(self, key: str, frame: pl.DataFrame) -> None: ...
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, keys: Iterable[str]) -> None: ...
@@ -34,6 +34,14 @@ def _check_key(key: str) -> str:
     if key.startswith("/") or ".." in key.split("/") or key.strip() == "":
         raise ValueError(f"invalid lake key {key!r}")
     return key
+
+
+def _read_parquet(source: Any, columns: Sequence[str] | None) -> pl.DataFrame:
+    """Read all or some columns; a column a file does not have comes back as nulls
+    (older files written before a column was added)."""
+    if columns is None:
+        return pl.read_parquet(source)
+    return pl.read_parquet(source, columns=list(columns), missing_columns="insert")
 
 
 def _to_parquet_bytes(frame: pl.DataFrame) -> bytes:
@@ -51,11 +59,11 @@ class LocalLake:
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
-    def read(self, key: str) -> pl.DataFrame | None:
+    def read(self, key: str, columns: Sequence[str] | None = None) -> pl.DataFrame | None:
         path = self._path(key)
         if not path.exists():
             return None
-        return pl.read_parquet(path)
+        return _read_parquet(path, columns)
 
     def write(self, key: str, frame: pl.DataFrame) -> None:
         path = self._path(key)
@@ -99,12 +107,12 @@ class S3Lake:
         _check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def read(self, key: str) -> pl.DataFrame | None:
+    def read(self, key: str, columns: Sequence[str] | None = None) -> pl.DataFrame | None:
         try:
             obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
         except self.client.exceptions.NoSuchKey:
             return None
-        return pl.read_parquet(io.BytesIO(obj["Body"].read()))
+        return _read_parquet(io.BytesIO(obj["Body"].read()), columns)
 
     def write(self, key: str, frame: pl.DataFrame) -> None:
         self.client.put_object(

@@ -203,3 +203,16 @@ def test_switching_ontology_without_rebuilding_is_caught(tiny_plant, tmp_path, m
     outcome = defect_class_in_ontology(training)
     assert not outcome.passed
     assert "SURFACE_SCRATCH" in outcome.description
+
+
+def test_empty_lake_fails_with_a_named_reason(tmp_path, monkeypatch):
+    empty = tmp_path / "empty_lake_src"
+    empty.mkdir()
+    result, materialized, _, _ = _materialize(empty, tmp_path / "nas", tmp_path, monkeypatch)
+    assert not result.success
+    assert materialized == {"defect_ontology"}
+    failure = next(
+        e for e in result.all_events if e.event_type_value == "STEP_FAILURE"
+    ).step_failure_data.error
+    assert failure.cause.cls_name == "CurationError"
+    assert "run the ingestion assets first" in failure.cause.message

@@ -40,9 +40,19 @@ def _ontology_code_version() -> str | None:
         return None  # the asset itself will fail with the clear validation error
 
 
+#: The columns curation reads of the big reference tables (the rest stays on disk).
+CURATION_COLUMNS: dict[str, list[str]] = {
+    "inspection_results": ["image_id", "decision"],
+    "production_orders": ["production_order_id", "plant_id"],
+    "equipment_registry": ["machine_id", "plant_id"],
+}
+
+
 def raw_table(lake: LakeResource, name: str) -> pl.DataFrame:
     """A raw ingested table (all partitions), or an empty frame if never ingested."""
-    return read_table(lake.get_lake(), TABLES_BY_ASSET[name].raw)
+    return read_table(
+        lake.get_lake(), TABLES_BY_ASSET[name].raw, columns=CURATION_COLUMNS.get(name)
+    )
 
 
 def curated_inputs(lake: LakeResource) -> tuple[pl.DataFrame, pl.DataFrame, int]:
