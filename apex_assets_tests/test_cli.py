@@ -45,6 +45,12 @@ def test_demo_end_to_end_then_rerun_is_a_no_op(tmp_path, neu_det_dir):
     assert (tmp_path / "apex" / "lake" / "raw" / "image_metadata" / "base").is_dir()
     assert list((tmp_path / "apex" / "lake" / "quarantine").rglob("*.parquet"))
     assert (tmp_path / "apex" / "nas" / "neu-det").is_symlink()
+    # curation ran with its checks, and the leakage checks passed
+    assert "training set:" in out
+    for check in ("label_agreement", "no_image_overlap", "no_production_order_overlap"):
+        line = next(x for x in out.splitlines() if f"check {check}" in x)
+        assert " PASS " in line, line
+    assert (tmp_path / "apex" / "lake" / "curated" / "balanced_splits.parquet").exists()
 
     second = _apex("demo", "--scale", "tiny", env=env)
     assert "synthetic plant: 0 new rows" in second.stdout
