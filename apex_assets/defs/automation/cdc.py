@@ -72,19 +72,28 @@ def plan_cdc_run_requests(
             if day in valid_keys:
                 changed_days.add(dt.date.fromisoformat(day))
                 newest_partitioned.append(fresh[partition].isoformat())
-    for start, end in ingestion.contiguous_ranges(sorted(changed_days), max_gap_days=7):
-        requests.append(
-            dg.RunRequest(
-                run_key=f"cdc-{start}-{end}-{max(newest_partitioned)}",
-                asset_selection=PARTITIONED_KEYS,
-                tags={
-                    RANGE_START_TAG: start.isoformat(),
-                    RANGE_END_TAG: end.isoformat(),
-                    "apex/trigger": "cdc",
-                },
-            )
-        )
+    newest = max(newest_partitioned, default="")
+    requests += _range_requests(changed_days, trigger="cdc", key_suffix=newest)
     return requests
+
+
+def _range_requests(
+    days: set[dt.date], *, trigger: str, key_suffix: str, run_config: dict | None = None
+) -> list[dg.RunRequest]:
+    """One single-run backfill of the partitioned tables per range of days (gaps <= 7 joined)."""
+    return [
+        dg.RunRequest(
+            run_key=f"{trigger}-{start}-{end}-{key_suffix}",
+            asset_selection=PARTITIONED_KEYS,
+            run_config=run_config or {},
+            tags={
+                RANGE_START_TAG: start.isoformat(),
+                RANGE_END_TAG: end.isoformat(),
+                "apex/trigger": trigger,
+            },
+        )
+        for start, end in ingestion.contiguous_ranges(sorted(days), max_gap_days=7)
+    ]
 
 
 @dg.schedule(
@@ -135,19 +144,9 @@ def plan_reconcile_run_requests(
             day = label.split("=", 1)[1]
             if day in valid_keys:
                 days.add(dt.date.fromisoformat(day))
-    for start, end in ingestion.contiguous_ranges(sorted(days), max_gap_days=7):
-        requests.append(
-            dg.RunRequest(
-                run_key=f"reconcile-{start}-{end}-{stamp}",
-                asset_selection=PARTITIONED_KEYS,
-                run_config=_reconcile_config(PARTITIONED_KEYS),
-                tags={
-                    RANGE_START_TAG: start.isoformat(),
-                    RANGE_END_TAG: end.isoformat(),
-                    "apex/trigger": "reconcile",
-                },
-            )
-        )
+    requests += _range_requests(
+        days, trigger="reconcile", key_suffix=stamp, run_config=_reconcile_config(PARTITIONED_KEYS)
+    )
     return requests
 
 
