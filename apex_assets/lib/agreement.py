@@ -377,3 +377,65 @@ def resolve_image_labels(labels: pl.DataFrame, *, severity_rank: Mapping[str, in
         .sort("image_id")
         .collect()
     )
+
+
+@dataclass(frozen=True)
+class ThresholdVerdict:
+    """An agreement report held against the configured thresholds."""
+
+    table: pl.DataFrame  # measure, agreement, required_above, passed
+    failures: list[str]  # "CRACK 0.933 <= 0.95"
+    unmeasurable: list[str]  # measures with no data (e.g. no multi-annotated image)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def check_thresholds(
+    report: AgreementReport,
+    *,
+    no_defect: float | None,
+    overall_min: float,
+    class_min: Mapping[str, float],
+    pair_min: Mapping[tuple[str, str], float],
+    known_classes: Iterable[str],
+    no_defect_label: str = "NO_DEFECT",
+) -> ThresholdVerdict:
+    """Compare measured agreement with thresholds (strictly above passes).
+
+    A class the ontology does not have is skipped (the Apex thresholds name
+    CRACK; under the NEU ontology there is none). A measure without data is
+    reported as unmeasurable and does not fail: "no evidence" is not
+    "disagreement", and the description says so.
+    """
+    known = set(known_classes)
+    measured: dict[str, float | None] = {"overall": report.overall}
+    required: dict[str, float] = {"overall": overall_min}
+    for cls, threshold in class_min.items():
+        if cls == no_defect_label:
+            measured[cls] = no_defect
+        elif cls in known:
+            measured[cls] = report.per_class.get(cls)
+        else:
+            continue
+        required[cls] = threshold
+    for pair, threshold in pair_min.items():
+        if pair in report.pair:
+            name = f"{pair[0]} vs {pair[1]}"
+            measured[name] = report.pair[pair]
+            required[name] = threshold
+    failures = [
+        f"{name} {value:.3f} <= {required[name]}"
+        for name, value in measured.items()
+        if value is not None and value <= required[name]
+    ]
+    table = pl.DataFrame(
+        {
+            "measure": list(measured),
+            "agreement": ["n/a" if v is None else f"{v:.3f}" for v in measured.values()],
+            "required_above": [required[k] for k in measured],
+            "passed": [v is None or v > required[k] for k, v in measured.items()],
+        }
+    )
+    return ThresholdVerdict(table, failures, [k for k, v in measured.items() if v is None])

@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from apex_assets.lib import agreement
 from apex_assets.lib.agreement import (
     agreement_report,
     annotator_votes,
@@ -458,3 +459,51 @@ def test_speed_38k_annotations() -> None:
     assert nd is not None
     # Target is well under a second; the bound is generous for 2 shared cores.
     assert elapsed < 5.0, f"agreement on 38K annotations took {elapsed:.2f} s"
+
+
+def _report(overall, per_class, pair):
+    return agreement.AgreementReport(
+        images_multi_annotated=10,
+        overall=overall,
+        per_class=per_class,
+        pair=pair,
+        table=pl.DataFrame(),
+        confusion=pl.DataFrame(),
+    )
+
+
+def test_check_thresholds_fails_exactly_the_measures_at_or_below_their_threshold():
+    report = _report(
+        0.91,
+        {"CRACK": 0.95, "BURR": 0.5},
+        {("SURFACE_SCRATCH", "SURFACE_PIT"): 0.81},
+    )
+    verdict = agreement.check_thresholds(
+        report,
+        no_defect=0.93,
+        overall_min=0.90,
+        class_min={"CRACK": 0.95, "NO_DEFECT": 0.90, "UNKNOWN_CLASS": 0.99},
+        pair_min={("SURFACE_SCRATCH", "SURFACE_PIT"): 0.80},
+        known_classes=["CRACK", "BURR"],
+    )
+    assert not verdict.passed
+    assert verdict.failures == ["CRACK 0.950 <= 0.95"]  # strictly above is required
+    assert verdict.table["measure"].to_list() == [
+        "overall",
+        "CRACK",
+        "NO_DEFECT",
+        "SURFACE_SCRATCH vs SURFACE_PIT",
+    ]  # a class the ontology lacks is skipped
+
+
+def test_check_thresholds_reports_missing_data_without_failing():
+    verdict = agreement.check_thresholds(
+        _report(None, {}, {}),
+        no_defect=None,
+        overall_min=0.9,
+        class_min={"NO_DEFECT": 0.9},
+        pair_min={},
+        known_classes=[],
+    )
+    assert verdict.passed
+    assert verdict.unmeasurable == ["overall", "NO_DEFECT"]

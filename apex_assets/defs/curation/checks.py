@@ -69,8 +69,9 @@ def label_agreement(lake: LakeResource, standardized_labels: pl.DataFrame) -> dg
     settings = load_settings()
     ontology = configured_ontology()
     rank = ontology.severity_rank()
-    pairs = tuple(settings.agreement_min_pair)
-    report = agreement.agreement_report(standardized_labels, severity_rank=rank, pairs=pairs)
+    report = agreement.agreement_report(
+        standardized_labels, severity_rank=rank, pairs=tuple(settings.agreement_min_pair)
+    )
 
     # NO_DEFECT has no annotations: it is measured against the inspectors' decisions.
     images = curated_inputs(lake)[0].select("image_id")
@@ -82,48 +83,29 @@ def label_agreement(lake: LakeResource, standardized_labels: pl.DataFrame) -> dg
     )
     no_defect = agreement.no_defect_agreement(image_labels, decisions)
 
-    measured: dict[str, float | None] = {"overall": report.overall}
-    required: dict[str, float] = {"overall": settings.agreement_min_overall}
-    for cls, threshold in settings.agreement_min_class.items():
-        value = no_defect if cls == NO_DEFECT else report.per_class.get(cls)
-        if cls != NO_DEFECT and cls not in ontology.class_ids(include_no_defect=False):
-            continue  # a class this ontology does not have (e.g. CRACK under neu_steel)
-        measured[cls] = value
-        required[cls] = threshold
-    for pair, threshold in settings.agreement_min_pair.items():
-        name = f"{pair[0]} vs {pair[1]}"
-        if pair in report.pair:
-            measured[name] = report.pair[pair]
-            required[name] = threshold
-    failures = [
-        f"{name} {_fmt(value)} <= {required[name]}"
-        for name, value in measured.items()
-        if value is not None and value <= required[name]
-    ]
-    unmeasurable = [name for name, value in measured.items() if value is None]
-    table = pl.DataFrame(
-        {
-            "measure": list(measured),
-            "agreement": [_fmt(v) for v in measured.values()],
-            "required_above": [required[k] for k in measured],
-            "passed": [v is None or v > required[k] for k, v in measured.items()],
-        }
+    verdict = agreement.check_thresholds(
+        report,
+        no_defect=no_defect,
+        overall_min=settings.agreement_min_overall,
+        class_min=settings.agreement_min_class,
+        pair_min=settings.agreement_min_pair,
+        known_classes=ontology.class_ids(include_no_defect=False),
     )
     description = (
-        "agreement below threshold: " + "; ".join(failures)
-        if failures
+        "agreement below threshold: " + "; ".join(verdict.failures)
+        if verdict.failures
         else f"agreement above every threshold on {report.images_multi_annotated} multi-annotated images"
     )
-    if unmeasurable:
-        description += f" (not measurable, no data: {', '.join(unmeasurable)})"
+    if verdict.unmeasurable:
+        description += f" (not measurable, no data: {', '.join(verdict.unmeasurable)})"
     return dg.AssetCheckResult(
-        passed=not failures,
+        passed=verdict.passed,
         description=description,
         metadata={
             "images_multi_annotated": report.images_multi_annotated,
             "overall": report.overall if report.overall is not None else "n/a",
             "no_defect_vs_inspectors": no_defect if no_defect is not None else "n/a",
-            "thresholds": dg.MetadataValue.md(frame_to_markdown(table)),
+            "thresholds": dg.MetadataValue.md(frame_to_markdown(verdict.table)),
             "per_class": dg.MetadataValue.md(frame_to_markdown(report.table, max_rows=30)),
             "disagreements": dg.MetadataValue.md(frame_to_markdown(report.confusion, max_rows=20)),
         },
