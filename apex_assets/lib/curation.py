@@ -29,6 +29,13 @@ import polars as pl
 from apex_assets.lib.agreement import resolve_image_labels
 from apex_assets.lib.leakage import content_hashes
 from apex_assets.lib.ontology import NO_DEFECT, Ontology
+from apex_assets.lib.splits import (
+    BalanceReport,
+    SplitConfig,
+    assign_folds,
+    assign_splits,
+    balance,
+)
 
 
 class CurationError(ValueError):
@@ -382,6 +389,57 @@ def split_groups(frame: pl.DataFrame, *, max_rounds: int = 20) -> pl.DataFrame:
             return new
         out = new
     return out
+
+
+@dataclass(frozen=True)
+class BuiltSplits:
+    frame: pl.DataFrame  # training rows kept, with split and fold_id
+    balance: BalanceReport
+    groups: int  # split groups (production orders, joined where files repeat)
+    duplicate_images: int  # images whose file content appears more than once
+
+
+def build_splits(
+    training: pl.DataFrame,
+    *,
+    no_defect_target: int,
+    target_min_per_class: int,
+    config: SplitConfig,
+) -> BuiltSplits:
+    """Balance, split by production order (orders sharing an identical file joined, see
+    :func:`split_groups`), stratified by label and part type, then NTILE folds."""
+    balanced, report = balance(
+        training,
+        no_defect_target=no_defect_target,
+        target_min_per_class=target_min_per_class,
+        seed=config.seed,
+    )
+    grouped = split_groups(balanced)
+    assigned = (
+        assign_splits(
+            grouped.with_columns(
+                _order=pl.col("production_order_id"), production_order_id=pl.col("split_group")
+            ),
+            config,
+        )
+        .with_columns(production_order_id=pl.col("_order"))
+        .drop("_order", "split_group")
+    )
+    duplicates = (
+        int(
+            grouped.filter(
+                pl.col("content_hash").is_not_null() & pl.col("content_hash").is_duplicated()
+            ).height
+        )
+        if "content_hash" in grouped.columns
+        else 0
+    )
+    return BuiltSplits(
+        frame=assign_folds(assigned, config.n_folds).sort("image_id"),
+        balance=report,
+        groups=grouped["split_group"].n_unique(),
+        duplicate_images=duplicates,
+    )
 
 
 def class_counts(frame: pl.DataFrame, column: str = "label") -> dict[str, int]:

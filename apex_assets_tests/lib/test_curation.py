@@ -7,7 +7,7 @@ import datetime as dt
 import polars as pl
 import pytest
 
-from apex_assets.lib import curation
+from apex_assets.lib import curation, splits
 from apex_assets.lib.ontology import load_ontology
 
 T0 = dt.datetime(2026, 6, 1, 8, tzinfo=dt.UTC)
@@ -214,3 +214,32 @@ def test_defect_distribution_chart_is_a_png():
     )
     png = curation.defect_distribution_png(training, title="t")
     assert png.startswith(b"\x89PNG") and len(png) > 2000
+
+
+def test_build_splits_keeps_identical_files_together_across_orders():
+    n = 400
+    frame = pl.DataFrame(
+        {
+            "image_id": [f"i{k:03d}" for k in range(n)],
+            "label": ["NO_DEFECT" if k % 3 else "BURR" for k in range(n)],
+            "part_type": ["bracket"] * n,
+            "production_order_id": [f"PO-{k // 4}" for k in range(n)],
+            "camera_id": ["cam_1"] * n,
+            "capture_timestamp": [T0 + dt.timedelta(hours=k) for k in range(n)],
+            # each image k < 50 has a byte-identical twin in a far-away order (k + 200)
+            "content_hash": [f"h{k % 200}" if k % 200 < 50 else f"u{k}" for k in range(n)],
+        }
+    )
+    built = curation.build_splits(
+        frame,
+        no_defect_target=10_000,
+        target_min_per_class=10,
+        config=splits.SplitConfig(seed=3),
+    )
+    out = built.frame
+    assert out.height == n and set(out["split"]) == {"train", "val", "test"}
+    twins = out.filter(pl.col("content_hash").str.starts_with("h"))
+    assert twins.group_by("content_hash").agg(pl.col("split").n_unique())["split"].max() == 1
+    assert built.duplicate_images == 100
+    assert built.groups < frame["production_order_id"].n_unique()
+    assert set(out["fold_id"]) == set(range(5))

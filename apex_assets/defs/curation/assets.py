@@ -235,41 +235,24 @@ def balanced_splits(training_images: pl.DataFrame) -> dg.Output[pl.DataFrame]:
     min_per_class = splits.scaled_target(
         settings.target_min_per_class, reference_images=settings.reference_images, actual_images=n
     )
-    balanced, report = splits.balance(
-        training_images,
-        no_defect_target=no_defect_target,
-        target_min_per_class=min_per_class,
-        seed=settings.split_seed,
-    )
     train, val, test = settings.split_fractions
     config = splits.SplitConfig(
         train=train, val=val, test=test, seed=settings.split_seed, temporal=settings.split_temporal
     )
-    # Split by production order, with orders that share an identical image file joined.
-    grouped = curation.split_groups(balanced)
-    assigned = (
-        splits.assign_splits(
-            grouped.with_columns(
-                _order=pl.col("production_order_id"), production_order_id=pl.col("split_group")
-            ),
-            config,
-        )
-        .with_columns(production_order_id=pl.col("_order"))
-        .drop("_order")
+    built = curation.build_splits(
+        training_images,
+        no_defect_target=no_defect_target,
+        target_min_per_class=min_per_class,
+        config=config,
     )
-    assigned = splits.assign_folds(assigned, config.n_folds)
-    merged_orders = grouped["split_group"].n_unique()
+    assigned, report = built.frame, built.balance
     summary = splits.split_summary(assigned)
     return dg.Output(
-        assigned.sort("image_id"),
+        assigned,
         metadata={
             "images": assigned.height,
-            "split_groups": merged_orders,
-            "duplicate_files_joined": int(
-                grouped.filter(pl.col("content_hash").is_duplicated())["image_id"].len()
-            )
-            if "content_hash" in grouped.columns
-            else 0,
+            "split_groups": built.groups,
+            "duplicate_files_joined": built.duplicate_images,
             "no_defect_before": report.no_defect_before,
             "no_defect_after": report.no_defect_after,
             "no_defect_target": report.target,
