@@ -37,6 +37,13 @@ from apex_assets.lib.splits import (
     balance,
 )
 
+#: The columns curation reads of the big reference tables (the rest stays on disk).
+CURATION_COLUMNS: dict[str, list[str]] = {
+    "inspection_results": ["image_id", "decision"],
+    "production_orders": ["production_order_id", "plant_id"],
+    "equipment_registry": ["machine_id", "plant_id"],
+}
+
 
 class CurationError(ValueError):
     """The inputs cannot produce a training set (empty tables, missing columns)."""

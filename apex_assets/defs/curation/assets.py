@@ -14,6 +14,7 @@ import polars as pl
 from apex_assets.config import load_settings
 from apex_assets.defs.resources import LakeResource
 from apex_assets.lib import curation, splits
+from apex_assets.lib.curation import CURATION_COLUMNS
 from apex_assets.lib.ingestion import TABLES_BY_ASSET
 from apex_assets.lib.lake_tables import read_table
 from apex_assets.lib.markdown import frame_to_markdown
@@ -38,14 +39,6 @@ def _ontology_code_version() -> str | None:
         return configured_ontology().fingerprint
     except (OntologyError, OSError):
         return None  # the asset itself will fail with the clear validation error
-
-
-#: The columns curation reads of the big reference tables (the rest stays on disk).
-CURATION_COLUMNS: dict[str, list[str]] = {
-    "inspection_results": ["image_id", "decision"],
-    "production_orders": ["production_order_id", "plant_id"],
-    "equipment_registry": ["machine_id", "plant_id"],
-}
 
 
 def raw_table(lake: LakeResource, name: str) -> pl.DataFrame:
