@@ -469,7 +469,7 @@ def defect_distribution_png(training: pl.DataFrame, *, title: str) -> bytes:
         .fill_null(0)
         .sort("line")
     )
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
     bottom = [0] * table.height
     classes = [c for c in table.columns if c != "line"]
     for cls in sorted(classes):
@@ -480,7 +480,7 @@ def defect_distribution_png(training: pl.DataFrame, *, title: str) -> bytes:
     ax.set_xlabel("production line")
     ax.set_title(title)
     if classes:
-        ax.legend(fontsize=8, ncols=2)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     buf = io.BytesIO()
