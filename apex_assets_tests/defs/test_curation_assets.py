@@ -216,3 +216,12 @@ def test_empty_lake_fails_with_a_named_reason(tmp_path, monkeypatch):
     ).step_failure_data.error
     assert failure.cause.cls_name == "CurationError"
     assert "run the ingestion assets first" in failure.cause.message
+
+
+def test_rerunning_curation_gives_the_same_tables(tiny_plant, tmp_path, monkeypatch):
+    _, _, _, first = _materialize(*tiny_plant, tmp_path / "a", monkeypatch)
+    _, _, _, second = _materialize(*tiny_plant, tmp_path / "b", monkeypatch)
+    for name in ("label_profile", "standardized_labels", "training_images", "balanced_splits"):
+        a = first.read(f"curated/{name}.parquet")
+        b = second.read(f"curated/{name}.parquet")
+        assert a.height > 0 and a.equals(b), name
