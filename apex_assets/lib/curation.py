@@ -26,7 +26,7 @@ from pathlib import Path
 
 import polars as pl
 
-from apex_assets.lib.agreement import resolve_image_labels
+from apex_assets.lib.agreement import no_defect_agreement, resolve_image_labels
 from apex_assets.lib.leakage import content_hashes
 from apex_assets.lib.ontology import NO_DEFECT, Ontology
 from apex_assets.lib.splits import (
@@ -77,26 +77,34 @@ def image_plants(
 ) -> pl.DataFrame:
     """image_id -> plant_id: from the machine's registry entry, else the order, else "unknown"."""
     out = images.select("image_id", "machine_id", "production_order_id")
-    if equipment.height and "plant_id" in equipment.columns:
-        out = out.join(
-            equipment.select("machine_id", pl.col("plant_id").alias("_plant_machine")),
-            on="machine_id",
-            how="left",
-        )
-    else:
-        out = out.with_columns(_plant_machine=pl.lit(None, pl.String))
-    if orders.height and "plant_id" in orders.columns:
-        out = out.join(
-            orders.select("production_order_id", pl.col("plant_id").alias("_plant_order")),
-            on="production_order_id",
-            how="left",
-        )
-    else:
-        out = out.with_columns(_plant_order=pl.lit(None, pl.String))
+    out = _join_plant(out, equipment, "machine_id", "_plant_machine")
+    out = _join_plant(out, orders, "production_order_id", "_plant_order")
     return out.select(
         "image_id",
         pl.coalesce("_plant_machine", "_plant_order", pl.lit("unknown")).alias("plant_id"),
     )
+
+
+def _join_plant(frame: pl.DataFrame, table: pl.DataFrame, key: str, alias: str) -> pl.DataFrame:
+    """Left-join ``table.plant_id`` as ``alias`` on ``key`` (all null when the table lacks it)."""
+    if table.height and "plant_id" in table.columns and key in table.columns:
+        return frame.join(table.select(key, pl.col("plant_id").alias(alias)), on=key, how="left")
+    return frame.with_columns(pl.lit(None, pl.String).alias(alias))
+
+
+def labels_vs_inspectors(
+    images: pl.DataFrame, labels: pl.DataFrame, results: pl.DataFrame, ontology: Ontology
+) -> float | None:
+    """NO_DEFECT agreement: NO_DEFECT has no annotations, so an image's resolved label
+    (NO_DEFECT when unannotated) is compared with the inspectors' majority decision."""
+    resolved = resolve_image_labels(labels, severity_rank=ontology.severity_rank())
+    image_labels = (
+        images.select("image_id")
+        .join(resolved.select("image_id", "label"), on="image_id", how="left")
+        .with_columns(pl.col("label").fill_null(NO_DEFECT))
+    )
+    decisions = majority_decision(results).rename({"inspector_decision": "decision"})
+    return no_defect_agreement(image_labels, decisions)
 
 
 def label_profile(

@@ -243,3 +243,15 @@ def test_build_splits_keeps_identical_files_together_across_orders():
     assert built.duplicate_images == 100
     assert built.groups < frame["production_order_id"].n_unique()
     assert set(out["fold_id"]) == set(range(5))
+
+
+def test_labels_vs_inspectors_compares_no_defect_with_pass():
+    images = _images(4)
+    labels = curation.standardize_labels(
+        _annotations([("a1", "i0", "x", "crack", 5)]), images, APEX, min_confidence=3
+    ).labels
+    results = pl.DataFrame(
+        {"image_id": ["i0", "i1", "i2", "i3"], "decision": ["FAIL", "PASS", "FAIL", "PASS"]}
+    )
+    # i1, i2, i3 are NO_DEFECT by label; inspectors say no defect on i1 and i3 only -> 2/3
+    assert curation.labels_vs_inspectors(images, labels, results, APEX) == pytest.approx(2 / 3)

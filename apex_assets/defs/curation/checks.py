@@ -20,9 +20,9 @@ from apex_assets.defs.curation.assets import (
 )
 from apex_assets.defs.resources import LakeResource
 from apex_assets.lib import agreement, leakage
-from apex_assets.lib.curation import majority_decision
+from apex_assets.lib.curation import labels_vs_inspectors
 from apex_assets.lib.markdown import frame_to_markdown
-from apex_assets.lib.ontology import NO_DEFECT
+from apex_assets.lib.splits import scaled_target
 
 
 def _fmt(value: float | None) -> str:
@@ -68,20 +68,18 @@ def unmapped_labels(label_profile: pl.DataFrame) -> dg.AssetCheckResult:
 def label_agreement(lake: LakeResource, standardized_labels: pl.DataFrame) -> dg.AssetCheckResult:
     settings = load_settings()
     ontology = configured_ontology()
-    rank = ontology.severity_rank()
     report = agreement.agreement_report(
-        standardized_labels, severity_rank=rank, pairs=tuple(settings.agreement_min_pair)
+        standardized_labels,
+        severity_rank=ontology.severity_rank(),
+        pairs=tuple(settings.agreement_min_pair),
     )
 
-    # NO_DEFECT has no annotations: it is measured against the inspectors' decisions.
-    images = curated_inputs(lake)[0].select("image_id")
-    resolved = agreement.resolve_image_labels(standardized_labels, severity_rank=rank)
-    image_labels = images.join(resolved.select("image_id", "label"), on="image_id", how="left")
-    image_labels = image_labels.with_columns(pl.col("label").fill_null(NO_DEFECT))
-    decisions = majority_decision(raw_table(lake, "inspection_results")).rename(
-        {"inspector_decision": "decision"}
+    no_defect = labels_vs_inspectors(
+        curated_inputs(lake)[0],
+        standardized_labels,
+        raw_table(lake, "inspection_results"),
+        ontology,
     )
-    no_defect = agreement.no_defect_agreement(image_labels, decisions)
 
     verdict = agreement.check_thresholds(
         report,
@@ -143,8 +141,6 @@ def defect_class_in_ontology(training_images: pl.DataFrame) -> dg.AssetCheckResu
     description="The training set has enough rows (APEX_MIN_ROW_COUNT at seed scale, scaled).",
 )
 def min_row_count(lake: LakeResource, balanced_splits: pl.DataFrame) -> dg.AssetCheckResult:
-    from apex_assets.lib.splits import scaled_target
-
     settings = load_settings()
     images = curated_inputs(lake)[0].height
     needed = scaled_target(
