@@ -111,6 +111,41 @@ def _env_date(name: str, default: str) -> dt.date:
         raise ValueError(f"{name} must be an ISO date (YYYY-MM-DD), got {raw!r}") from exc
 
 
+def _env_optional_int(name: str) -> int | None:
+    return None if _env(name) is None else _env_int(name, 0)
+
+
+def _env_optional_float(name: str) -> float | None:
+    return None if _env(name) is None else _env_float(name, 0.0)
+
+
+def _env_range(name: str, default: str) -> tuple[float, float]:
+    raw = _env(name, default) or default
+    try:
+        lo, hi = (float(p) for p in raw.split(","))
+    except ValueError as exc:
+        raise ValueError(f"{name} must be two numbers like 0.8,1.0, got {raw!r}") from exc
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"{name} must satisfy 0 < lo <= hi <= 1, got {raw!r}")
+    return lo, hi
+
+
+def _env_archs(name: str, default: str) -> tuple[tuple[str, int], ...]:
+    """``arch@size,arch@size``: timm architecture names with their square input size."""
+    raw = _env(name, default) or default
+    out: list[tuple[str, int]] = []
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        arch, sep, size = item.strip().partition("@")
+        if not sep or not arch or not size.isdigit() or int(size) < 8:
+            raise ValueError(f"{name} must look like resnet50@224,efficientnet_b4@380, got {raw!r}")
+        out.append((arch, int(size)))
+    if not out:
+        raise ValueError(f"{name} lists no architecture")
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved configuration. Build it with :func:`load_settings`."""
@@ -247,6 +282,157 @@ class Settings:
         metadata={"env": "APEX_NEU_DET_DIR", "doc": "Pascal VOC folder of the NEU-DET images"}
     )
 
+    # --- training, evaluation and the deployment gate (issue 4) -------------------------
+    mlflow_tracking_uri: str = field(
+        metadata={
+            "env": "MLFLOW_TRACKING_URI",
+            "doc": "MLflow tracking server or store; unset = SQLite file in APEX_HOME",
+        }
+    )
+    mlflow_artifact_location: str = field(
+        metadata={
+            "env": "APEX_MLFLOW_ARTIFACTS",
+            "doc": "Artifact root of a newly created MLflow experiment (folder or s3:// URI)",
+        }
+    )
+    mlflow_experiment: str = field(
+        metadata={"env": "APEX_MLFLOW_EXPERIMENT", "doc": "MLflow experiment of training runs"}
+    )
+    registered_model: str = field(
+        metadata={"env": "APEX_REGISTERED_MODEL", "doc": "Registered model name in MLflow"}
+    )
+    torch_threads: int = field(
+        metadata={
+            "env": "APEX_TORCH_THREADS",
+            "doc": "PyTorch intra-op threads for training, embeddings and evaluation",
+        }
+    )
+    dataloader_workers: int = field(
+        metadata={"env": "APEX_DATALOADER_WORKERS", "doc": "Image decoding worker processes"}
+    )
+    image_channels: int = field(
+        metadata={"env": "APEX_IMAGE_CHANNELS", "doc": "1 = grayscale cameras, 3 = RGB"}
+    )
+    train_arch: str = field(
+        metadata={"env": "APEX_TRAIN_ARCH", "doc": "timm architecture of trained_model"}
+    )
+    train_image_size: int = field(
+        metadata={"env": "APEX_TRAIN_IMAGE_SIZE", "doc": "Square input size of trained_model"}
+    )
+    train_epochs: int = field(metadata={"env": "APEX_TRAIN_EPOCHS", "doc": "Maximum epochs"})
+    train_batch_size: int = field(metadata={"env": "APEX_TRAIN_BATCH_SIZE", "doc": "Batch size"})
+    train_lr: float = field(metadata={"env": "APEX_TRAIN_LR", "doc": "AdamW learning rate"})
+    train_weight_decay: float = field(
+        metadata={"env": "APEX_TRAIN_WEIGHT_DECAY", "doc": "AdamW weight decay"}
+    )
+    train_warmup_epochs: int = field(
+        metadata={
+            "env": "APEX_TRAIN_WARMUP_EPOCHS",
+            "doc": "Linear warm-up before cosine annealing",
+        }
+    )
+    train_patience: int = field(
+        metadata={"env": "APEX_TRAIN_PATIENCE", "doc": "Early-stopping patience in epochs"}
+    )
+    train_seed: int = field(metadata={"env": "APEX_TRAIN_SEED", "doc": "Seed of training"})
+    train_accelerator: str = field(
+        metadata={"env": "APEX_TRAIN_ACCELERATOR", "doc": "Lightning accelerator: cpu, gpu, auto"}
+    )
+    train_devices: str = field(
+        metadata={"env": "APEX_TRAIN_DEVICES", "doc": "Lightning devices (1, 4, auto)"}
+    )
+    train_strategy: str = field(
+        metadata={
+            "env": "APEX_TRAIN_STRATEGY",
+            "doc": "Lightning strategy: auto, ddp, ddp_spawn, ...",
+        }
+    )
+    train_num_nodes: int = field(
+        metadata={"env": "APEX_TRAIN_NUM_NODES", "doc": "Lightning nodes for multi-node DDP"}
+    )
+    train_precision: str = field(
+        metadata={"env": "APEX_TRAIN_PRECISION", "doc": "Lightning precision (32-true, bf16-mixed)"}
+    )
+    train_max_minutes: float | None = field(
+        metadata={"env": "APEX_TRAIN_MAX_MINUTES", "doc": "Wall-time cap of one training run"}
+    )
+    pretrained_weights: str | None = field(
+        metadata={
+            "env": "APEX_PRETRAINED_WEIGHTS",
+            "doc": "Local weights file for trained_model (never downloaded); unset = from scratch",
+        }
+    )
+    oversample_classes: tuple[str, ...] | None = field(
+        metadata={
+            "env": "APEX_OVERSAMPLE_CLASSES",
+            "doc": "Classes oversampled up to the per-class target; unset = those below it",
+        }
+    )
+    aug_rotation_degrees: float = field(
+        metadata={"env": "APEX_AUG_ROTATION_DEG", "doc": "Random rotation range, degrees"}
+    )
+    aug_hflip_p: float = field(
+        metadata={"env": "APEX_AUG_HFLIP_P", "doc": "Horizontal flip probability"}
+    )
+    aug_noise_std: float = field(
+        metadata={"env": "APEX_AUG_NOISE_STD", "doc": "Gaussian noise standard deviation"}
+    )
+    aug_brightness: float = field(
+        metadata={"env": "APEX_AUG_BRIGHTNESS", "doc": "Brightness jitter"}
+    )
+    aug_contrast: float = field(metadata={"env": "APEX_AUG_CONTRAST", "doc": "Contrast jitter"})
+    aug_crop_scale: tuple[float, float] = field(
+        metadata={"env": "APEX_AUG_CROP_SCALE", "doc": "Random resized crop area range, lo,hi"}
+    )
+    embedding_arch: str = field(
+        metadata={"env": "APEX_EMBEDDING_ARCH", "doc": "timm backbone of image_embeddings"}
+    )
+    embedding_image_size: int = field(
+        metadata={"env": "APEX_EMBEDDING_IMAGE_SIZE", "doc": "Input size of image_embeddings"}
+    )
+    embedding_batch_size: int = field(
+        metadata={"env": "APEX_EMBEDDING_BATCH_SIZE", "doc": "Batch size of image_embeddings"}
+    )
+    embedding_weights: str | None = field(
+        metadata={
+            "env": "APEX_EMBEDDING_WEIGHTS",
+            "doc": "Local weights file of the embedding backbone; unset = random init",
+        }
+    )
+    compare_archs: tuple[tuple[str, int], ...] = field(
+        metadata={
+            "env": "APEX_COMPARE_ARCHS",
+            "doc": "architecture_comparison candidates, arch@size list",
+        }
+    )
+    compare_epochs: int | None = field(
+        metadata={
+            "env": "APEX_COMPARE_EPOCHS",
+            "doc": "Epochs per compared architecture; unset = APEX_TRAIN_EPOCHS",
+        }
+    )
+    gate_min_precision: float = field(
+        metadata={"env": "APEX_GATE_MIN_PRECISION", "doc": "Deployment gate: macro precision"}
+    )
+    gate_min_recall: float = field(
+        metadata={"env": "APEX_GATE_MIN_RECALL", "doc": "Deployment gate: macro recall"}
+    )
+    gate_critical_recall: dict[str, float] = field(
+        metadata={
+            "env": "APEX_GATE_CRITICAL_RECALL",
+            "doc": "Deployment gate: recall per critical class family, CLASS=share pairs",
+        }
+    )
+    gate_max_false_reject_rate: float = field(
+        metadata={"env": "APEX_GATE_MAX_FRR", "doc": "Deployment gate: good parts rejected"}
+    )
+    confidence_threshold: float = field(
+        metadata={
+            "env": "APEX_CONFIDENCE_THRESHOLD",
+            "doc": "Top-1 confidence below which a part goes to human review",
+        }
+    )
+
     @property
     def dagster_home(self) -> Path:
         """Embedded Dagster instance folder (SQLite storage)."""
@@ -300,6 +486,51 @@ def load_settings() -> Settings:
         camera_balance_tolerance=_env_float("APEX_CAMERA_BALANCE_TOLERANCE", 3.0),
         image_sources=_env_list("APEX_IMAGE_SOURCES"),
         neu_det_dir=Path(_env("APEX_NEU_DET_DIR", str(_default_neu_det_dir())) or "").resolve(),
+        mlflow_tracking_uri=_env("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}") or "",
+        mlflow_artifact_location=_env("APEX_MLFLOW_ARTIFACTS", str(home / "mlartifacts")) or "",
+        mlflow_experiment=_env("APEX_MLFLOW_EXPERIMENT", "visual_quality_inspection") or "",
+        registered_model=_env("APEX_REGISTERED_MODEL", "visual_quality_inspector") or "",
+        torch_threads=_env_int("APEX_TORCH_THREADS", 1),
+        dataloader_workers=_env_int("APEX_DATALOADER_WORKERS", 1),
+        image_channels=_env_int("APEX_IMAGE_CHANNELS", 1),
+        train_arch=_env("APEX_TRAIN_ARCH", "resnet18") or "resnet18",
+        train_image_size=_env_int("APEX_TRAIN_IMAGE_SIZE", 128),
+        train_epochs=_env_int("APEX_TRAIN_EPOCHS", 50),
+        train_batch_size=_env_int("APEX_TRAIN_BATCH_SIZE", 32),
+        train_lr=_env_float("APEX_TRAIN_LR", 1e-3),
+        train_weight_decay=_env_float("APEX_TRAIN_WEIGHT_DECAY", 0.01),
+        train_warmup_epochs=_env_int("APEX_TRAIN_WARMUP_EPOCHS", 5),
+        train_patience=_env_int("APEX_TRAIN_PATIENCE", 10),
+        train_seed=_env_int("APEX_TRAIN_SEED", 42),
+        train_accelerator=_env("APEX_TRAIN_ACCELERATOR", "auto") or "auto",
+        train_devices=_env("APEX_TRAIN_DEVICES", "1") or "1",
+        train_strategy=_env("APEX_TRAIN_STRATEGY", "auto") or "auto",
+        train_num_nodes=_env_int("APEX_TRAIN_NUM_NODES", 1),
+        train_precision=_env("APEX_TRAIN_PRECISION", "32-true") or "32-true",
+        train_max_minutes=_env_optional_float("APEX_TRAIN_MAX_MINUTES"),
+        pretrained_weights=_env("APEX_PRETRAINED_WEIGHTS"),
+        oversample_classes=_env_list("APEX_OVERSAMPLE_CLASSES"),
+        aug_rotation_degrees=_env_float("APEX_AUG_ROTATION_DEG", 15.0),
+        aug_hflip_p=_env_float("APEX_AUG_HFLIP_P", 0.5),
+        aug_noise_std=_env_float("APEX_AUG_NOISE_STD", 0.02),
+        aug_brightness=_env_float("APEX_AUG_BRIGHTNESS", 0.2),
+        aug_contrast=_env_float("APEX_AUG_CONTRAST", 0.2),
+        aug_crop_scale=_env_range("APEX_AUG_CROP_SCALE", "0.8,1.0"),
+        embedding_arch=_env("APEX_EMBEDDING_ARCH", "resnet50") or "resnet50",
+        embedding_image_size=_env_int("APEX_EMBEDDING_IMAGE_SIZE", 224),
+        embedding_batch_size=_env_int("APEX_EMBEDDING_BATCH_SIZE", 32),
+        embedding_weights=_env("APEX_EMBEDDING_WEIGHTS"),
+        compare_archs=_env_archs(
+            "APEX_COMPARE_ARCHS", "resnet50@224,efficientnet_b0@224,efficientnet_b4@380"
+        ),
+        compare_epochs=_env_optional_int("APEX_COMPARE_EPOCHS"),
+        gate_min_precision=_env_float("APEX_GATE_MIN_PRECISION", 0.95),
+        gate_min_recall=_env_float("APEX_GATE_MIN_RECALL", 0.93),
+        gate_critical_recall={
+            k: float(v) for k, v in _env_pairs("APEX_GATE_CRITICAL_RECALL", "CRACK=0.99").items()
+        },
+        gate_max_false_reject_rate=_env_float("APEX_GATE_MAX_FRR", 0.05),
+        confidence_threshold=_env_float("APEX_CONFIDENCE_THRESHOLD", 0.8),
     )
 
 

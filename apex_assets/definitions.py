@@ -9,8 +9,12 @@ from apex_assets.defs.automation.cdc import (
 )
 from apex_assets.defs.curation.assets import curation_assets
 from apex_assets.defs.curation.checks import curation_checks
+from apex_assets.defs.deployment.assets import deployment_assets
+from apex_assets.defs.evaluation.assets import evaluation_assets, evaluation_checks
+from apex_assets.defs.features.assets import feature_assets
 from apex_assets.defs.ingestion.assets import ingestion_assets
 from apex_assets.defs.resources import build_resources
+from apex_assets.defs.training.assets import training_assets
 
 curation_job = dg.define_asset_job(
     "curation_job",
@@ -19,10 +23,42 @@ curation_job = dg.define_asset_job(
     "with the agreement and leakage checks.",
 )
 
+training_job = dg.define_asset_job(
+    "training_job",
+    selection=dg.AssetSelection.assets("trained_model", "evaluation_report", "approved_model"),
+    description="Train -> evaluate on the test split -> deployment gate (blocking) -> approve "
+    "the version as the candidate for shadow deployment.",
+)
+
+embeddings_job = dg.define_asset_job(
+    "embeddings_job",
+    selection=dg.AssetSelection.assets("image_embeddings"),
+    description="Embed the curated images of a range of capture dates (one run per range).",
+)
+
+architecture_comparison_job = dg.define_asset_job(
+    "architecture_comparison_job",
+    selection=dg.AssetSelection.assets("architecture_comparison"),
+    description="Train and score every architecture of APEX_COMPARE_ARCHS on the same splits.",
+)
+
 defs = dg.Definitions(
-    assets=[*ingestion_assets, *curation_assets],
-    asset_checks=curation_checks,
-    jobs=[cdc_ingestion_job, curation_job],
+    assets=[
+        *ingestion_assets,
+        *curation_assets,
+        *feature_assets,
+        *training_assets,
+        *evaluation_assets,
+        *deployment_assets,
+    ],
+    asset_checks=[*curation_checks, *evaluation_checks],
+    jobs=[
+        cdc_ingestion_job,
+        curation_job,
+        embeddings_job,
+        training_job,
+        architecture_comparison_job,
+    ],
     schedules=[cdc_ingestion_schedule, delete_reconciliation_schedule],
     resources=build_resources(),
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,14 @@ def _apex(*args: str, env: dict[str, str], check: bool = True) -> subprocess.Com
 
 @pytest.mark.slow
 def test_demo_end_to_end_then_rerun_is_a_no_op(tmp_path, neu_det_dir):
-    env = _env(tmp_path / "apex", APEX_NEU_DET_DIR=str(neu_det_dir))
+    env = _env(
+        tmp_path / "apex",
+        APEX_NEU_DET_DIR=str(neu_det_dir),
+        # the whole chain, with a model small enough for CI
+        APEX_TRAIN_EPOCHS="1",
+        APEX_TRAIN_IMAGE_SIZE="32",
+        APEX_EMBEDDING_IMAGE_SIZE="32",
+    )
     first = _apex("demo", "--scale", "tiny", env=env)
     out = first.stdout
     assert "== Apex demo summary ==" in out
@@ -51,11 +59,19 @@ def test_demo_end_to_end_then_rerun_is_a_no_op(tmp_path, neu_det_dir):
         line = next(x for x in out.splitlines() if f"check {check}" in x)
         assert " PASS " in line, line
     assert (tmp_path / "apex" / "lake" / "curated" / "balanced_splits.parquet").exists()
+    # embeddings, training in MLflow, evaluation and the gate's verdict
+    assert "image_embeddings" in out and " 0 unreadable" in out
+    model_line = next(x for x in out.splitlines() if x.startswith("model:"))
+    assert "visual_quality_inspector v1 (resnet10t@32 (1 channel(s)), 1 epochs" in model_line
+    assert any(x.startswith("test split:  accuracy") for x in out.splitlines())
+    assert any(x.startswith("gate:        ") for x in out.splitlines())
+    assert (tmp_path / "apex" / "mlflow.db").exists()
 
     second = _apex("demo", "--scale", "tiny", env=env)
     assert "synthetic plant: 0 new rows" in second.stdout
     assert "images imported 0, unchanged 1,500" in second.stdout
     assert "lake already up to date" in second.stdout
+    assert re.search(r"image_embeddings\s+0 embedded", second.stdout), second.stdout
     assert "nothing changed since the last ingestion" in _apex("ingest", env=env).stdout
 
 

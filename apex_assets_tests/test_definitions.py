@@ -10,6 +10,7 @@ from pathlib import Path
 import dagster as dg
 
 from apex_assets.definitions import defs
+from apex_assets.defs.evaluation.assets import deployment_gate
 
 REPO = Path(__file__).resolve().parents[1]
 INGESTION = {
@@ -34,9 +35,38 @@ def test_assets_schedule_and_job():
         for k in graph.get_all_asset_keys()
         if graph.get(k).partitions_def is not None
     }
-    assert partitioned == {"image_metadata", "defect_annotations", "inspection_results"}
+    assert partitioned == {
+        "image_metadata",
+        "defect_annotations",
+        "inspection_results",
+        "image_embeddings",
+    }
     for key in INGESTION:
         assert graph.get(dg.AssetKey(key)).group_name == "ingestion"
+
+
+def test_training_chain_is_gated_by_a_blocking_check():
+    graph = defs.resolve_asset_graph()
+    groups = {
+        "image_embeddings": "features",
+        "embedding_probe": "features",
+        "trained_model": "training",
+        "architecture_comparison": "training",
+        "evaluation_report": "evaluation",
+        "approved_model": "deployment",
+    }
+    for key, group in groups.items():
+        assert graph.get(dg.AssetKey(key)).group_name == group
+    assert dg.AssetKey("evaluation_report") in graph.get(dg.AssetKey("approved_model")).parent_keys
+    assert dg.AssetKey("trained_model") in graph.get(dg.AssetKey("evaluation_report")).parent_keys
+    (gate,) = deployment_gate.check_specs
+    assert gate.blocking and gate.asset_key == dg.AssetKey("evaluation_report")
+    job = defs.resolve_job_def("training_job")
+    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {
+        "trained_model",
+        "evaluation_report",
+        "approved_model",
+    }
 
 
 def test_dg_check_defs_passes(tmp_path):

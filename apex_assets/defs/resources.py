@@ -14,6 +14,7 @@ from pydantic import Field
 from apex_assets.config import Settings, load_settings
 from apex_assets.lib import source_db
 from apex_assets.lib.lake import Lake, LocalLake, S3Lake
+from apex_assets.lib.tracking import MlflowTarget
 
 
 class SourceDatabaseResource(dg.ConfigurableResource):
@@ -59,6 +60,38 @@ class LakeResource(dg.ConfigurableResource):
         return self.local_dir
 
 
+class MlflowResource(dg.ConfigurableResource):
+    """MLflow tracking and model registry.
+
+    Why not dagster-mlflow: it ships only a legacy function resource that starts a run
+    for the whole Dagster run; the training code already manages its runs (Lightning's
+    MLFlowLogger, nested comparison runs), so this resource only says where MLflow is.
+    Default: a SQLite store and an artifact folder in ``APEX_HOME``; production: an
+    MLflow server URL with S3 artifacts.
+    """
+
+    tracking_uri: str = Field(description="MLflow tracking URI (sqlite:///..., http://...)")
+    artifact_location: str = Field(description="Artifact root of a newly created experiment")
+    experiment: str = Field(default="visual_quality_inspection", description="Experiment name")
+    registered_model: str = Field(
+        default="visual_quality_inspector", description="Registered model name"
+    )
+
+    def target(self) -> MlflowTarget:
+        return MlflowTarget(
+            tracking_uri=self.tracking_uri,
+            experiment=self.experiment,
+            registered_model=self.registered_model,
+            artifact_location=self.artifact_location,
+        )
+
+    def ui_hint(self) -> str:
+        """Where a person looks at the runs."""
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return self.tracking_uri
+        return f"mlflow ui --backend-store-uri {self.tracking_uri}"
+
+
 def build_resources(settings: Settings | None = None) -> dict[str, object]:
     settings = settings or load_settings()
     lake = LakeResource(
@@ -76,6 +109,12 @@ def build_resources(settings: Settings | None = None) -> dict[str, object]:
         ),
         "lake": lake,
         "lake_io": LakeParquetIOManager(lake=lake),
+        "mlflow": MlflowResource(
+            tracking_uri=settings.mlflow_tracking_uri,
+            artifact_location=settings.mlflow_artifact_location,
+            experiment=settings.mlflow_experiment,
+            registered_model=settings.registered_model,
+        ),
     }
 
 

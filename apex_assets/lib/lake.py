@@ -1,7 +1,8 @@
 """The lake: Parquet objects under a local folder or an S3 bucket, behind one small interface.
 
-Why a tiny interface instead of fsspec: the platform needs five operations
-(read, write, list, delete, uri) with *atomic* writes on both backends. Local
+Why a tiny interface instead of fsspec: the platform needs a handful of operations
+(read, write, list, delete, uri, and file upload/download for model checkpoints) with
+*atomic* writes on both backends. Local
 writes go to a temporary file and ``os.replace`` it; S3 ``PutObject`` is
 atomic by itself. boto3 comes from dagster-aws's ``S3Resource`` so that
 credentials, region and endpoint (MinIO, Ceph) follow the usual Dagster/AWS
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -28,6 +30,8 @@ class Lake(Protocol):
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, keys: Iterable[str]) -> None: ...
     def uri(self, key: str) -> str: ...
+    def upload_file(self, key: str, path: Path) -> None: ...
+    def download_file(self, key: str, path: Path) -> bool: ...
 
 
 def _check_key(key: str) -> str:
@@ -94,6 +98,23 @@ class LocalLake:
     def uri(self, key: str) -> str:
         return self._path(key).as_uri()
 
+    def upload_file(self, key: str, path: Path) -> None:
+        """Store a file (a model checkpoint) under ``key``, atomically."""
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".tmp-{target.name}")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+
+    def download_file(self, key: str, path: Path) -> bool:
+        """Copy ``key`` to ``path``; False when the lake has no such object."""
+        source = self._path(key)
+        if not source.exists():
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, path)
+        return True
+
 
 class S3Lake:
     """Lake in an S3 bucket (or any S3-compatible endpoint)."""
@@ -137,3 +158,19 @@ class S3Lake:
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
+
+    def upload_file(self, key: str, path: Path) -> None:
+        """Store a file (a model checkpoint); boto3 switches to multipart for large ones."""
+        self.client.upload_file(str(path), self.bucket, self._key(key))
+
+    def download_file(self, key: str, path: Path) -> bool:
+        """Copy ``key`` to ``path``; False when the bucket has no such object."""
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except self.client.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.client.download_file(self.bucket, self._key(key), str(path))
+        return True

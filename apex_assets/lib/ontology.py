@@ -314,6 +314,21 @@ class Ontology:
             parent = self._by_id[parent].parent
         return tuple(out)
 
+    def families(self, model_classes: list[str] | None = None) -> dict[str, list[str]]:
+        """Each class id -> the model classes in its family (itself and its descendants).
+
+        Why: gates and reports speak of families ("crack recall" covers CRAZING in the NEU
+        taxonomy, whose CRACK is a grouping class no model predicts). Classes whose family
+        holds no model class are left out.
+        """
+        model = model_classes if model_classes is not None else self.class_ids()
+        out: dict[str, list[str]] = {}
+        for cid in [c.id for c in self.classes] + ([NO_DEFECT] if self.has_no_defect else []):
+            members = [m for m in model if m == cid or cid in self.ancestors(m)]
+            if members:
+                out[cid] = members
+        return out
+
     def class_table(self) -> pl.DataFrame:
         """One row per defect class (file order) for Dagster metadata.
 

@@ -5,13 +5,13 @@ through the lake IO manager), calls ``apex_assets.lib`` and writes metadata.
 The checks that guard training are in ``checks.py``.
 """
 
-import base64
 import json
 
 import dagster as dg
 import polars as pl
 
 from apex_assets.config import load_settings
+from apex_assets.defs.metadata_values import png_markdown
 from apex_assets.defs.resources import LakeResource
 from apex_assets.lib import curation, splits
 from apex_assets.lib.curation import CURATION_COLUMNS
@@ -56,10 +56,6 @@ def curated_inputs(lake: LakeResource) -> tuple[pl.DataFrame, pl.DataFrame, int]
         load_settings().image_sources,
     )
     return images, annotations, left_out
-
-
-def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
-    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
 @dg.asset(

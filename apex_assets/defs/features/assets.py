@@ -1,0 +1,251 @@
+"""Feature assets: image embeddings (daily partitions by capture date) and a linear-probe baseline.
+
+Why partitioned like the raw image table: a new day of captures only needs that day's
+images embedded, and a backfill of many days is one run (one model load, full batches).
+Inside a partition an image is embedded again only when its content hash or the extractor
+(architecture, preprocessing, weights) changed, so re-running a partition costs a file read.
+
+The torch stack is imported inside the asset bodies: loading the definitions (``dagster
+dev``, every schedule tick) then stays fast and does not pay for torch.
+"""
+
+import datetime as dt
+import time
+
+import dagster as dg
+import polars as pl
+
+from apex_assets.config import load_settings
+from apex_assets.defs.curation.assets import configured_ontology
+from apex_assets.defs.ingestion.assets import daily_capture_partitions
+from apex_assets.defs.resources import LakeResource
+from apex_assets.lib.markdown import frame_to_markdown
+
+EMBEDDINGS_PREFIX = "features/image_embeddings"
+
+
+def embedding_key(fingerprint: str, partition_key: str) -> str:
+    return f"{EMBEDDINGS_PREFIX}/{fingerprint}/{partition_key}.parquet"
+
+
+def _partition_rows(images: pl.DataFrame, keys: list[str], tz: str) -> dict[str, pl.DataFrame]:
+    """The curated images of each partition key (capture date in the plant timezone)."""
+    dated = images.with_columns(
+        pl.col("capture_timestamp").dt.convert_time_zone(tz).dt.date().alias("_day")
+    )
+    wanted = {dt.date.fromisoformat(k): k for k in keys}
+    out = {k: dated.head(0) for k in keys}
+    for (day,), rows in dated.filter(pl.col("_day").is_in(list(wanted))).group_by(["_day"]):
+        out[wanted[day]] = rows
+    return {k: v.drop("_day") for k, v in out.items()}
+
+
+class EmbeddingConfig(dg.Config):
+    """Overrides of the embedding settings for one run (unset = APEX_EMBEDDING_*)."""
+
+    arch: str | None = None
+    image_size: int | None = None
+    batch_size: int | None = None
+
+
+@dg.asset(
+    group_name="features",
+    partitions_def=daily_capture_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    kinds={"pytorch", "parquet"},
+    description=(
+        "Penultimate-layer image features (ResNet-50, 2048-d, by default; APEX_EMBEDDING_ARCH) "
+        "of the curated images, one Parquet file per capture date; only new or changed images "
+        "are embedded."
+    ),
+)
+def image_embeddings(
+    context: dg.AssetExecutionContext,
+    config: EmbeddingConfig,
+    lake: LakeResource,
+    training_images: pl.DataFrame,
+) -> dg.MaterializeResult:
+    from apex_assets.lib import embeddings
+    from apex_assets.lib.datasets import InspectionImageDataset, make_loader
+    from apex_assets.lib.preprocess import PreprocessConfig
+
+    settings = load_settings()
+    arch = config.arch or settings.embedding_arch
+    preprocess = PreprocessConfig(
+        image_size=config.image_size or settings.embedding_image_size,
+        channels=settings.image_channels,
+    )
+    fingerprint = embeddings.extractor_fingerprint(arch, preprocess, settings.embedding_weights)
+    store = lake.get_lake()
+    keys = list(context.partition_keys)
+    per_partition = _partition_rows(training_images, keys, settings.partition_timezone)
+
+    existing: dict[str, pl.DataFrame | None] = {}
+    todo: list[pl.DataFrame] = []
+    for key in keys:
+        existing[key] = store.read(embedding_key(fingerprint, key))
+        rows = per_partition[key].select("image_id", "image_path", "content_hash")
+        todo.append(
+            embeddings.rows_to_embed(rows, existing[key], fingerprint).with_columns(
+                pl.lit(key).alias("_partition")
+            )
+        )
+    pending = pl.concat(todo) if todo else pl.DataFrame()
+    context.log.info(
+        f"{pending.height:,} of {sum(f.height for f in per_partition.values()):,} images in "
+        f"{len(keys)} partition(s) need embedding with {arch}@{preprocess.image_size} "
+        f"(extractor {fingerprint})"
+    )
+
+    vectors_by_partition: dict[str, pl.DataFrame] = {}
+    failures: list = []
+    images_per_s = 0.0
+    started = time.perf_counter()
+    if pending.height:
+        model = embeddings.create_feature_extractor(
+            arch, in_chans=preprocess.channels, pretrained_path=settings.embedding_weights
+        )
+        dataset = InspectionImageDataset(
+            settings.image_root, pending["image_path"].to_list(), None, preprocess
+        )
+        loader = make_loader(
+            dataset,
+            batch_size=config.batch_size or settings.embedding_batch_size,
+            shuffle=False,
+            num_workers=settings.dataloader_workers,
+        )
+        result = embeddings.extract_embeddings(
+            model, loader, threads=settings.torch_threads, progress=context.log.info
+        )
+        failures, images_per_s = result.failures, result.images_per_s
+        done = pending[result.indices.tolist()]
+        frame = embeddings.embeddings_frame(
+            done["image_id"].to_list(), done["content_hash"].to_list(), result.vectors, fingerprint
+        ).with_columns(done["_partition"])
+        for (key,), rows in frame.group_by(["_partition"]):
+            vectors_by_partition[str(key)] = rows.drop("_partition")
+
+    written = 0
+    for key in keys:
+        old, new = existing[key], vectors_by_partition.get(key)
+        if old is None and new is None:
+            continue
+        parts = []
+        if old is not None:
+            # images curated out of the partition since the last run are dropped
+            kept = old.join(per_partition[key].select("image_id"), on="image_id", how="semi")
+            if new is not None:
+                kept = kept.join(new.select("image_id"), on="image_id", how="anti")
+            parts.append(kept)
+        if new is not None:
+            parts.append(new)
+        merged = pl.concat(parts)
+        if new is not None or old is None or merged.height != old.height:
+            store.write(embedding_key(fingerprint, key), merged)
+            written += 1
+
+    failed = pl.DataFrame(
+        {
+            "image_id": [pending["image_id"][f.index] for f in failures],
+            "image_path": [f.image_path for f in failures],
+            "reason": [f.reason for f in failures],
+        },
+        schema={"image_id": pl.String, "image_path": pl.String, "reason": pl.String},
+    )
+    if failed.height:
+        context.log.warning(f"{failed.height} image(s) could not be read and were skipped")
+    return dg.MaterializeResult(
+        metadata={
+            "extractor": fingerprint,
+            "architecture": f"{arch}@{preprocess.image_size}",
+            "partitions": len(keys),
+            "images_embedded": pending.height - failed.height,
+            "images_reused": sum(f.height for f in per_partition.values()) - pending.height,
+            "images_failed": failed.height,
+            "failed_images": dg.MetadataValue.md(frame_to_markdown(failed.head(20)))
+            if failed.height
+            else "none",
+            "files_written": written,
+            "images_per_s": round(images_per_s, 1),
+            "wall_s": round(time.perf_counter() - started, 1),
+            "lake_prefix": f"{EMBEDDINGS_PREFIX}/{fingerprint}",
+        }
+    )
+
+
+def read_embeddings(lake: LakeResource, fingerprint: str) -> pl.DataFrame | None:
+    """Every partition's embeddings of one extractor, or None when none was written."""
+    store = lake.get_lake()
+    keys = store.list(f"{EMBEDDINGS_PREFIX}/{fingerprint}/")
+    frames = [f for f in (store.read(k) for k in keys) if f is not None and f.height]
+    return pl.concat(frames) if frames else None
+
+
+@dg.asset(
+    group_name="features",
+    deps=[image_embeddings],
+    io_manager_key="lake_io",
+    kinds={"pytorch", "polars"},
+    description=(
+        "Linear-probe baseline: a logistic regression on the frozen embeddings of the train "
+        "split, scored on the test split. A floor the trained CNN must beat."
+    ),
+)
+def embedding_probe(
+    context: dg.AssetExecutionContext, lake: LakeResource, balanced_splits: pl.DataFrame
+) -> dg.Output[pl.DataFrame]:
+    from apex_assets.lib import embeddings
+    from apex_assets.lib.preprocess import PreprocessConfig
+
+    settings = load_settings()
+    preprocess = PreprocessConfig(
+        image_size=settings.embedding_image_size, channels=settings.image_channels
+    )
+    fingerprint = embeddings.extractor_fingerprint(
+        settings.embedding_arch, preprocess, settings.embedding_weights
+    )
+    stored = read_embeddings(lake, fingerprint)
+    if stored is None:
+        raise dg.Failure(
+            f"no embeddings of extractor {fingerprint} in the lake: materialize image_embeddings "
+            "(all capture dates of the training window) first"
+        )
+    classes = configured_ontology().class_ids()
+    joined = balanced_splits.select("image_id", "label", "split").join(
+        stored.select("image_id", "embedding"), on="image_id", how="inner"
+    )
+    missing = balanced_splits.height - joined.height
+    train = joined.filter(pl.col("split") == "train")
+    test = joined.filter(pl.col("split") == "test")
+    if train.height == 0 or test.height == 0:
+        raise dg.Failure("the train or test split has no embedded image")
+    index = {c: i for i, c in enumerate(classes)}
+    result = embeddings.linear_probe(
+        embeddings.embedding_matrix(train),
+        [index[c] for c in train["label"]],
+        embeddings.embedding_matrix(test),
+        [index[c] for c in test["label"]],
+        classes,
+        threads=settings.torch_threads,
+    )
+    table = pl.DataFrame(
+        {
+            "class": list(result.per_class_recall),
+            "recall": list(result.per_class_recall.values()),
+        }
+    )
+    context.log.info(f"linear probe test accuracy {result.accuracy:.3f}")
+    return dg.Output(
+        table,
+        metadata={
+            "accuracy": round(result.accuracy, 4),
+            "train_images": result.train_images,
+            "test_images": result.eval_images,
+            "images_without_embedding": missing,
+            "extractor": fingerprint,
+            "per_class_recall": dg.MetadataValue.md(frame_to_markdown(table)),
+        },
+    )
+
+
+feature_assets = [image_embeddings, embedding_probe]
