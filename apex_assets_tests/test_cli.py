@@ -14,7 +14,9 @@ APEX = str(Path(sys.executable).parent / "apex")
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("APEX_", "DAGSTER_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("APEX_", "DAGSTER_", "MLFLOW_"))
+    }
     env.update({"APEX_HOME": str(home), **extra})
     return env
 

@@ -22,9 +22,11 @@ call, so two targets in one process (tests, a staging and a production server) n
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -211,6 +213,28 @@ def _version_tags(card: ModelCard, run_id: str) -> dict[str, str]:
     }
 
 
+@contextmanager
+def _fluent_target(target: MlflowTarget) -> Iterator[None]:
+    """Point MLflow's fluent API (``log_model``, ``load_model``) at ``target`` for a block.
+
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` to the environment, so
+    every subprocess started later (a demo, a server, a test) would silently inherit this
+    store. The variables are put back afterwards; the in-process default stays, and every
+    call here sets it first anyway.
+    """
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(target.tracking_uri)
+    mlflow.set_registry_uri(target.tracking_uri)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def log_and_register(model: nn.Module, card: ModelCard, target: MlflowTarget, run_id: str) -> str:
     """Log ``model`` to run ``run_id`` and register it as a new version; return the version.
 
@@ -218,9 +242,12 @@ def log_and_register(model: nn.Module, card: ModelCard, target: MlflowTarget, ru
     with a batch-dynamic input of the card's image size. The card goes into the MLmodel
     metadata, the run (``model_card.json``) and the version tags.
     """
+    with _fluent_target(target):
+        return _log_and_register(model, card, target, run_id)
+
+
+def _log_and_register(model: nn.Module, card: ModelCard, target: MlflowTarget, run_id: str) -> str:
     client = _client(target)
-    mlflow.set_tracking_uri(target.tracking_uri)
-    mlflow.set_registry_uri(target.tracking_uri)
     signature, example = _signature_and_example(card)
     export_model = _eval_copy(model)
     with torch.no_grad():
@@ -370,9 +397,14 @@ def load_registered_model(
     """
     if version is not None and alias is not None:
         raise ValueError("give either version or alias, not both")
+    with _fluent_target(target):
+        return _load_registered_model(target, version, alias)
+
+
+def _load_registered_model(
+    target: MlflowTarget, version: str | None, alias: str | None
+) -> LoadedModel:
     client = _client(target)
-    mlflow.set_tracking_uri(target.tracking_uri)
-    mlflow.set_registry_uri(target.tracking_uri)
     name = target.registered_model
     if alias is not None:
         resolved = alias_version(target, alias)

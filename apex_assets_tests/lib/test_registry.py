@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -117,11 +118,12 @@ def test_versions_are_numbered_and_tagged(target: MlflowTarget, registered):
     assert client.get_model_version(target.registered_model, "1").tags["gate"] == "passed"
 
 
-def test_card_is_in_the_run_and_the_mlmodel_metadata(target: MlflowTarget, registered):
+def test_card_is_in_the_run_and_the_mlmodel_metadata(target: MlflowTarget, registered, monkeypatch):
     client = MlflowClient(target.tracking_uri)
     run_id = registered["runs"]["2"]
     names = [a.path for a in client.list_artifacts(run_id)]
     assert registry.MODEL_CARD_ARTIFACT in names
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", target.tracking_uri)  # restored after the test
     mlflow.set_tracking_uri(target.tracking_uri)
     info = mlflow.models.get_model_info(f"models:/{target.registered_model}/2")
     assert info.metadata["model_card"]["classes"] == list(CLASSES)
@@ -178,3 +180,10 @@ def test_output_width_must_match_the_card(target: MlflowTarget):
     run_id = client.create_run(registry.ensure_experiment(target)).info.run_id
     with pytest.raises(RegistryError, match="3 classes"):
         registry.log_and_register(create_model("test_resnet", 2, 1), _card(), target, run_id)
+
+
+def test_registry_calls_do_not_leak_the_store_into_the_environment(target, registered):
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; subprocesses must not inherit it
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    registry.load_registered_model(target, version="1")
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
