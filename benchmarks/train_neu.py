@@ -10,7 +10,7 @@ Run:  .venv/bin/python benchmarks/train_neu.py [--epochs 50] [--arch resnet18] [
 3. the registered model reloaded from MLflow and scored on the val split as well.
 
 Prints validation and test accuracy, per-class recall and the wall time, and writes them
-to ``benchmarks/results/train_neu.json``.
+to ``benchmarks/results/train_neu_<arch>_<size>.json``.
 Goal (issue 4): >= 98% accuracy from scratch, crazing recall >= 0.99.
 """
 
@@ -113,7 +113,8 @@ def main() -> None:
         "python": sys.version.split()[0],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train_neu.json").write_text(json.dumps(out, indent=2))
+    path = RESULTS / f"train_neu_{args.arch}_{args.size}.json"
+    path.write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
 
 

@@ -151,7 +151,7 @@ def passed_run(neu_home):
 def test_training_logs_to_mlflow_and_registers_a_version(passed_run, neu_home):
     meta = _meta(passed_run, "trained_model")
     assert meta["images_failed"] == 1  # the corrupt file: skipped and reported, run succeeded
-    assert "corrupt.jpg" in meta["failed_images"]
+    assert "corrupt.jpg" in meta["failed_images"] and "img-060" in meta["failed_images"]
     client = mlflow.MlflowClient(f"sqlite:///{neu_home / 'mlflow.db'}")
     run = client.get_run(meta["mlflow_run_id"])
     assert run.data.params["arch"] == "resnet10t"
@@ -243,3 +243,48 @@ def test_architecture_comparison_table(ml_env):
     assert table["latency_p99_ms"].to_list() >= table["latency_p50_ms"].to_list()
     meta = _meta(result, "architecture_comparison")
     assert "resnet10t" in meta["comparison"]
+
+
+def test_embeddings_and_checkpoints_go_to_an_s3_lake(ml_env, s3_endpoint, monkeypatch):
+    """The lake on S3 (moto's server over real HTTP): embeddings and the best checkpoint."""
+    import boto3
+
+    from apex_assets.config import load_settings
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="apex-ml")
+    for name, value in {
+        "APEX_S3_BUCKET": "apex-ml",
+        "APEX_S3_PREFIX": "plant-a",
+        "APEX_S3_ENDPOINT_URL": s3_endpoint,
+        "APEX_S3_REGION": "us-east-1",
+        "APEX_TRAIN_EPOCHS": "1",
+        "APEX_GATE_MIN_PRECISION": "0",
+    }.items():
+        monkeypatch.setenv(name, value)
+    resources = build_resources(load_settings())
+    lake = resources["lake"].get_lake()  # type: ignore[attr-defined]
+    local = LocalLake(ml_env / "lake")
+    for key in ("curated/balanced_splits.parquet", "curated/training_images.parquet"):
+        lake.write(key, local.read(key))
+
+    dg.materialize(
+        [training_images, image_embeddings],
+        selection=["image_embeddings"],
+        partition_key=DAY.isoformat(),
+        resources=resources,
+    )
+    trained = dg.materialize(
+        [balanced_splits, trained_model], selection=["trained_model"], resources=resources
+    )
+    run_id = _meta(trained, "trained_model")["mlflow_run_id"]
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="apex-ml")["Contents"]]
+    assert any(
+        k.startswith(f"plant-a/{EMBEDDINGS_PREFIX}/") and k.endswith(f"{DAY.isoformat()}.parquet")
+        for k in keys
+    )
+    checkpoint = f"checkpoints/trained_model/{run_id}/best.ckpt"
+    assert f"plant-a/{checkpoint}" in keys
+    copy = ml_env / "downloaded.ckpt"
+    assert lake.download_file(checkpoint, copy) and copy.stat().st_size > 1_000_000
+    assert not lake.download_file("checkpoints/none/best.ckpt", ml_env / "none.ckpt")

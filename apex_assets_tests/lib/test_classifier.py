@@ -16,12 +16,6 @@ from apex_assets.lib.classifier import (
     warmup_cosine,
 )
 from apex_assets.lib.datasets import ImageFailure, collate_skip_failures
-from apex_assets.lib.models import set_threads
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    set_threads(1)
 
 
 # -- warmup_cosine -------------------------------------------------------------------------

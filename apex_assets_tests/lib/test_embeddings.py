@@ -46,15 +46,6 @@ def loader_for(root: Path, paths: list[str], cfg: PreprocessConfig = CFG, batch_
     return make_loader(dataset, batch_size=batch_size, shuffle=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Direct model calls in these tests share 2 busy cores: one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------- extraction
 
 

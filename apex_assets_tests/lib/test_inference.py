@@ -35,15 +35,6 @@ def write_images(root: Path, n: int, *, corrupt: tuple[int, ...] = (), seed: int
     return paths
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Direct model calls in these tests share 2 busy cores: one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     torch.manual_seed(0)

@@ -15,14 +15,6 @@ from apex_assets.lib.models import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_head_and_stem_follow_the_ontology_and_the_camera():
     model = create_model("resnet10t", num_classes=6, in_chans=1)
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 6)

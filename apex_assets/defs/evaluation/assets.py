@@ -18,7 +18,8 @@ from apex_assets.defs.curation.assets import configured_ontology
 from apex_assets.defs.metadata_values import log_png, png_markdown
 from apex_assets.defs.ml_config import gate_thresholds
 from apex_assets.defs.resources import MlflowResource
-from apex_assets.defs.training.assets import SPLIT_COLUMNS
+from apex_assets.defs.training.assets import SPLIT_COLUMNS, failures_frame
+from apex_assets.lib.markdown import frame_to_markdown
 
 
 def one_row(frame: pl.DataFrame, name: str) -> dict:
@@ -68,6 +69,7 @@ def evaluation_report(
         progress=context.log.info,
     )
     report = scored.report(classes, card.no_defect_class)
+    failed = failures_frame(scored.failures, balanced_splits)
     families = configured_ontology().families(classes)
     gate = evaluate_gate(report, gate_thresholds(settings), families)
 
@@ -155,6 +157,9 @@ def evaluation_report(
             "confusion_matrix": png_markdown(confusion_png, "confusion matrix"),
             "confidence_histogram": png_markdown(histogram_png, "confidence histogram"),
             "images_failed": len(scored.failures),
+            "failed_images": dg.MetadataValue.md(frame_to_markdown(failed.head(20)))
+            if failed.height
+            else "none",
             "mlflow_run_id": run_id,
         },
     )

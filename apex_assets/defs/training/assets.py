@@ -68,11 +68,14 @@ def training_inputs(balanced_splits: pl.DataFrame) -> TrainingInputs:
     )
 
 
-def _failures_frame(failures) -> pl.DataFrame:
-    return pl.DataFrame(
+def failures_frame(failures, records: pl.DataFrame) -> pl.DataFrame:
+    """Unreadable images as (image_id, image_path, reason), for run metadata."""
+    frame = pl.DataFrame(
         {"image_path": [f.image_path for f in failures], "reason": [f.reason for f in failures]},
         schema={"image_path": pl.String, "reason": pl.String},
     )
+    ids = records.select("image_id", "image_path").unique("image_path")
+    return frame.join(ids, on="image_path", how="left").select("image_id", "image_path", "reason")
 
 
 @dg.asset(
@@ -126,7 +129,7 @@ def trained_model(
     )
     checkpoint_key = f"checkpoints/trained_model/{result.run_id}/best.ckpt"
     lake.get_lake().upload_file(checkpoint_key, result.checkpoint_path)
-    failures = _failures_frame(result.failures)
+    failures = failures_frame(result.failures, inputs.records)
     ref = pl.DataFrame(
         {
             "run_id": [result.run_id],
