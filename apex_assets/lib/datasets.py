@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -35,6 +36,17 @@ class ImageFailure:
     index: int
     image_path: str
     reason: str
+
+
+def failures_table(failures: Sequence[ImageFailure], records: pl.DataFrame) -> pl.DataFrame:
+    """Unreadable images as (image_id, image_path, reason) rows, ids looked up by path in
+    ``records`` (which has ``image_id`` and ``image_path``): what run metadata lists."""
+    frame = pl.DataFrame(
+        {"image_path": [f.image_path for f in failures], "reason": [f.reason for f in failures]},
+        schema={"image_path": pl.String, "reason": pl.String},
+    )
+    ids = records.select("image_id", "image_path").unique("image_path")
+    return frame.join(ids, on="image_path", how="left").select("image_id", "image_path", "reason")
 
 
 class InspectionImageDataset(Dataset):

@@ -18,6 +18,7 @@ that comes back to NumPy as a ``[n, d]`` matrix without copying.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -241,6 +242,40 @@ def rows_to_embed(
         maintain_order="left",
     )
     return kept.drop("__id", "__hash")
+
+
+def images_by_partition(
+    images: pl.DataFrame, partition_keys: Sequence[str], tz: str
+) -> dict[str, pl.DataFrame]:
+    """The images of each daily partition key (``YYYY-MM-DD``, capture date in ``tz``).
+
+    Every key is present in the result, with an empty frame when no image was captured that day.
+    """
+    dated = images.with_columns(
+        pl.col("capture_timestamp").dt.convert_time_zone(tz).dt.date().alias("__day")
+    )
+    wanted = {dt.date.fromisoformat(k): k for k in partition_keys}
+    out = {k: dated.head(0) for k in partition_keys}
+    for (day,), rows in dated.filter(pl.col("__day").is_in(list(wanted))).group_by(["__day"]):
+        out[wanted[day]] = rows
+    return {k: v.drop("__day") for k, v in out.items()}
+
+
+def merge_partition(
+    stored: pl.DataFrame | None, new: pl.DataFrame | None, current_ids: pl.Series
+) -> pl.DataFrame | None:
+    """A partition's embeddings after a run, or None when the stored file is still right.
+
+    Stored rows of images no longer in the partition (``current_ids``) are dropped, and
+    stored rows of re-embedded images are replaced by the ``new`` ones.
+    """
+    if stored is None:
+        return new
+    kept = stored.filter(pl.col("image_id").is_in(current_ids.implode()))
+    if new is not None:
+        kept = kept.join(new.select("image_id"), on="image_id", how="anti")
+        return pl.concat([kept, new])
+    return kept if kept.height != stored.height else None
 
 
 # --------------------------------------------------------------------------- linear probe

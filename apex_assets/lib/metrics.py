@@ -446,3 +446,23 @@ def family_recall(report: EvaluationReport, members: Iterable[str]) -> tuple[flo
         return None, 0
     hits = int(report.confusion[np.ix_(idx, idx)].sum())
     return hits / support, support
+
+
+def flat_metrics(report: EvaluationReport, prefix: str = "test_") -> dict[str, float]:
+    """The report as flat name -> number pairs for an experiment tracker (MLflow metrics):
+    headline figures, the two rates when defined, and the recall of every class."""
+    metrics = {
+        f"{prefix}accuracy": report.accuracy,
+        f"{prefix}macro_precision": report.macro["precision"],
+        f"{prefix}macro_recall": report.macro["recall"],
+        f"{prefix}macro_f1": report.macro["f1"],
+        f"{prefix}weighted_f1": report.weighted["f1"],
+        f"{prefix}mean_confidence": report.mean_confidence,
+    }
+    if report.false_reject_rate is not None:
+        metrics[f"{prefix}false_reject_rate"] = report.false_reject_rate
+    if report.false_accept_rate is not None:
+        metrics[f"{prefix}false_accept_rate"] = report.false_accept_rate
+    for m in report.per_class:
+        metrics[f"{prefix}recall_{m.class_id}"] = m.recall
+    return {k: float(v) for k, v in metrics.items()}

@@ -196,3 +196,14 @@ def test_make_loader_arguments_and_seed_worker():
     torch.manual_seed(42)
     seed_worker(0)
     assert np.random.rand() == first
+
+
+def test_failures_table_names_the_image_ids() -> None:
+    import polars as pl
+
+    from apex_assets.lib.datasets import ImageFailure, failures_table
+
+    records = pl.DataFrame({"image_id": ["i1", "i2"], "image_path": ["a.png", "b.png"]})
+    table = failures_table([ImageFailure(1, "b.png", "truncated")], records)
+    assert table.to_dicts() == [{"image_id": "i2", "image_path": "b.png", "reason": "truncated"}]
+    assert failures_table([], records).columns == ["image_id", "image_path", "reason"]

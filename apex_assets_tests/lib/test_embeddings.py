@@ -256,3 +256,46 @@ def test_linear_probe_recall_counts_and_validation() -> None:
         linear_probe(train_x, train_y, eval_x[:, :2], eval_y, ["p", "q", "r"])
     with pytest.raises(ValueError, match="unique"):
         linear_probe(train_x, train_y, eval_x, eval_y, ["p", "p", "r"])
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+def test_images_by_partition_uses_the_plant_timezone_and_lists_every_key() -> None:
+    import datetime as dt
+
+    from apex_assets.lib.embeddings import images_by_partition
+
+    utc = dt.UTC
+    images = pl.DataFrame(
+        {
+            "image_id": ["a", "b", "c"],
+            "capture_timestamp": [
+                dt.datetime(2026, 3, 1, 23, 30, tzinfo=utc),  # 2026-03-02 in Berlin
+                dt.datetime(2026, 3, 2, 10, 0, tzinfo=utc),
+                dt.datetime(2026, 3, 5, 10, 0, tzinfo=utc),  # outside the keys
+            ],
+        }
+    )
+    parts = images_by_partition(images, ["2026-03-01", "2026-03-02"], "Europe/Berlin")
+    assert parts["2026-03-01"].height == 0
+    assert sorted(parts["2026-03-02"]["image_id"]) == ["a", "b"]
+    assert parts["2026-03-02"].columns == images.columns
+
+
+def test_merge_partition_replaces_drops_and_reports_unchanged() -> None:
+    from apex_assets.lib.embeddings import merge_partition
+
+    def rows(ids: list[str], tag: str) -> pl.DataFrame:
+        return pl.DataFrame({"image_id": ids, "extractor": [tag] * len(ids)})
+
+    stored = rows(["a", "b", "c"], "old")
+    current = pl.Series(["a", "b", "c"])
+    assert merge_partition(None, None, current) is None
+    assert merge_partition(stored, None, current) is None  # nothing changed: no write
+    merged = merge_partition(stored, rows(["b", "d"], "new"), pl.Series(["a", "b", "c", "d"]))
+    assert sorted(merged.iter_rows()) == [("a", "old"), ("b", "new"), ("c", "old"), ("d", "new")]
+    shrunk = merge_partition(stored, None, pl.Series(["a", "c"]))  # b curated out
+    assert sorted(shrunk["image_id"]) == ["a", "c"]
+    new_only = rows(["x"], "new")
+    assert merge_partition(None, new_only, pl.Series(["x"])) is new_only

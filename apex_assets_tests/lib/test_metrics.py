@@ -275,3 +275,17 @@ def test_markdown(report: EvaluationReport) -> None:
     assert "**FRR** 0.250" in text and "**FAR** 0.167" in text
     assert "| SCRATCH | 0.5 | 0.667 | 0.571 | 3 | 4 |" in text
     assert "| CRACK | 0 | 1 | 2 |" in text
+
+
+def test_flat_metrics_for_the_tracker() -> None:
+    from apex_assets.lib.metrics import flat_metrics
+
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    report = evaluate_predictions([0, 1, 1, 1], probs, ["NO_DEFECT", "CRACK"])
+    flat = flat_metrics(report)
+    assert flat["test_accuracy"] == 0.75
+    assert flat["test_recall_CRACK"] == pytest.approx(2 / 3)
+    assert flat["test_false_reject_rate"] == 0.0  # the one good part passed
+    assert flat["test_false_accept_rate"] == pytest.approx(1 / 3)
+    nd = flat_metrics(evaluate_predictions([0, 1], np.eye(2), ["A", "B"], None), prefix="val_")
+    assert "val_false_reject_rate" not in nd and nd["val_accuracy"] == 1.0

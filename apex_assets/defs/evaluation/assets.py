@@ -18,7 +18,7 @@ from apex_assets.defs.curation.assets import configured_ontology
 from apex_assets.defs.metadata_values import log_png, png_markdown
 from apex_assets.defs.ml_config import gate_thresholds
 from apex_assets.defs.resources import MlflowResource
-from apex_assets.defs.training.assets import SPLIT_COLUMNS, failures_frame
+from apex_assets.defs.training.assets import SPLIT_COLUMNS
 from apex_assets.lib.markdown import frame_to_markdown
 
 
@@ -46,9 +46,11 @@ def evaluation_report(
 ):
     import mlflow as mlflow_lib
 
+    from apex_assets.lib.datasets import failures_table
     from apex_assets.lib.eval_plots import confidence_histogram_png, confusion_matrix_png
     from apex_assets.lib.evaluation import predict_split
     from apex_assets.lib.gate import evaluate_gate
+    from apex_assets.lib.metrics import flat_metrics
     from apex_assets.lib.registry import load_registered_model, tag_version
 
     settings = load_settings()
@@ -69,7 +71,7 @@ def evaluation_report(
         progress=context.log.info,
     )
     report = scored.report(classes, card.no_defect_class)
-    failed = failures_frame(scored.failures, balanced_splits)
+    failed = failures_table(scored.failures, balanced_splits)
     families = configured_ontology().families(classes)
     gate = evaluate_gate(report, gate_thresholds(settings), families)
 
@@ -79,22 +81,9 @@ def evaluation_report(
     )
     client = mlflow_lib.MlflowClient(target.tracking_uri)
     run_id = loaded.run_id
-    metrics = {
-        "test_accuracy": report.accuracy,
-        "test_macro_precision": report.macro["precision"],
-        "test_macro_recall": report.macro["recall"],
-        "test_macro_f1": report.macro["f1"],
-        "test_weighted_f1": report.weighted["f1"],
-        "test_mean_confidence": report.mean_confidence,
-    }
-    if report.false_reject_rate is not None:
-        metrics["test_false_reject_rate"] = report.false_reject_rate
-    if report.false_accept_rate is not None:
-        metrics["test_false_accept_rate"] = report.false_accept_rate
-    for m in report.per_class:
-        metrics[f"test_recall_{m.class_id}"] = m.recall
+    metrics = flat_metrics(report)
     for name, value in metrics.items():
-        client.log_metric(run_id, name, float(value))
+        client.log_metric(run_id, name, value)
     client.log_text(run_id, json.dumps(report.to_dict(), indent=2), "evaluation/report.json")
     client.log_text(run_id, json.dumps(gate.to_dict(), indent=2), "evaluation/gate.json")
     client.log_text(run_id, report.to_markdown(), "evaluation/report.md")

@@ -9,7 +9,6 @@ The torch stack is imported inside the asset bodies: loading the definitions (``
 dev``, every schedule tick) then stays fast and does not pay for torch.
 """
 
-import datetime as dt
 import time
 
 import dagster as dg
@@ -26,18 +25,6 @@ EMBEDDINGS_PREFIX = "features/image_embeddings"
 
 def embedding_key(fingerprint: str, partition_key: str) -> str:
     return f"{EMBEDDINGS_PREFIX}/{fingerprint}/{partition_key}.parquet"
-
-
-def _partition_rows(images: pl.DataFrame, keys: list[str], tz: str) -> dict[str, pl.DataFrame]:
-    """The curated images of each partition key (capture date in the plant timezone)."""
-    dated = images.with_columns(
-        pl.col("capture_timestamp").dt.convert_time_zone(tz).dt.date().alias("_day")
-    )
-    wanted = {dt.date.fromisoformat(k): k for k in keys}
-    out = {k: dated.head(0) for k in keys}
-    for (day,), rows in dated.filter(pl.col("_day").is_in(list(wanted))).group_by(["_day"]):
-        out[wanted[day]] = rows
-    return {k: v.drop("_day") for k, v in out.items()}
 
 
 class EmbeddingConfig(dg.Config):
@@ -66,7 +53,7 @@ def image_embeddings(
     training_images: pl.DataFrame,
 ) -> dg.MaterializeResult:
     from apex_assets.lib import embeddings
-    from apex_assets.lib.datasets import InspectionImageDataset, make_loader
+    from apex_assets.lib.datasets import InspectionImageDataset, failures_table, make_loader
     from apex_assets.lib.preprocess import PreprocessConfig
 
     settings = load_settings()
@@ -78,7 +65,9 @@ def image_embeddings(
     fingerprint = embeddings.extractor_fingerprint(arch, preprocess, settings.embedding_weights)
     store = lake.get_lake()
     keys = list(context.partition_keys)
-    per_partition = _partition_rows(training_images, keys, settings.partition_timezone)
+    per_partition = embeddings.images_by_partition(
+        training_images, keys, settings.partition_timezone
+    )
 
     existing: dict[str, pl.DataFrame | None] = {}
     todo: list[pl.DataFrame] = []
@@ -127,31 +116,14 @@ def image_embeddings(
 
     written = 0
     for key in keys:
-        old, new = existing[key], vectors_by_partition.get(key)
-        if old is None and new is None:
-            continue
-        parts = []
-        if old is not None:
-            # images curated out of the partition since the last run are dropped
-            kept = old.join(per_partition[key].select("image_id"), on="image_id", how="semi")
-            if new is not None:
-                kept = kept.join(new.select("image_id"), on="image_id", how="anti")
-            parts.append(kept)
-        if new is not None:
-            parts.append(new)
-        merged = pl.concat(parts)
-        if new is not None or old is None or merged.height != old.height:
+        merged = embeddings.merge_partition(
+            existing[key], vectors_by_partition.get(key), per_partition[key]["image_id"]
+        )
+        if merged is not None:
             store.write(embedding_key(fingerprint, key), merged)
             written += 1
 
-    failed = pl.DataFrame(
-        {
-            "image_id": [pending["image_id"][f.index] for f in failures],
-            "image_path": [f.image_path for f in failures],
-            "reason": [f.reason for f in failures],
-        },
-        schema={"image_id": pl.String, "image_path": pl.String, "reason": pl.String},
-    )
+    failed = failures_table(failures, pending)
     if failed.height:
         context.log.warning(f"{failed.height} image(s) could not be read and were skipped")
     return dg.MaterializeResult(

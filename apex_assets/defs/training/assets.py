@@ -68,16 +68,6 @@ def training_inputs(balanced_splits: pl.DataFrame) -> TrainingInputs:
     )
 
 
-def failures_frame(failures, records: pl.DataFrame) -> pl.DataFrame:
-    """Unreadable images as (image_id, image_path, reason), for run metadata."""
-    frame = pl.DataFrame(
-        {"image_path": [f.image_path for f in failures], "reason": [f.reason for f in failures]},
-        schema={"image_path": pl.String, "reason": pl.String},
-    )
-    ids = records.select("image_id", "image_path").unique("image_path")
-    return frame.join(ids, on="image_path", how="left").select("image_id", "image_path", "reason")
-
-
 @dg.asset(
     group_name="training",
     io_manager_key="lake_io",
@@ -95,6 +85,7 @@ def trained_model(
     mlflow: MlflowResource,
     balanced_splits: pl.DataFrame,
 ) -> dg.Output[pl.DataFrame]:
+    from apex_assets.lib.datasets import failures_table
     from apex_assets.lib.training import train_classifier
 
     inputs = training_inputs(balanced_splits)
@@ -127,9 +118,10 @@ def trained_model(
         },
         progress=context.log.info,
     )
+    store = lake.get_lake()
     checkpoint_key = f"checkpoints/trained_model/{result.run_id}/best.ckpt"
-    lake.get_lake().upload_file(checkpoint_key, result.checkpoint_path)
-    failures = failures_frame(result.failures, inputs.records)
+    store.upload_file(checkpoint_key, result.checkpoint_path)
+    failures = failures_table(result.failures, inputs.records)
     ref = pl.DataFrame(
         {
             "run_id": [result.run_id],
@@ -167,7 +159,7 @@ def trained_model(
             if failures.height
             else "none",
             "history": dg.MetadataValue.md(frame_to_markdown(result.history, max_rows=60)),
-            "checkpoint": lake.get_lake().uri(checkpoint_key),
+            "checkpoint": store.uri(checkpoint_key),
         },
     )
 
