@@ -1,4 +1,4 @@
-"""The ``apex`` command: demo, simulate, import-voc, import-calibration, ingest, psql, dev.
+"""The ``apex`` command: demo, simulate, import-voc, import-calibration, ingest, serve, psql, dev.
 
 Every command works on the embedded defaults (nothing to install) and on
 real servers when the environment says so (see ``apex_assets/config.py``).
@@ -430,6 +430,90 @@ def run_training(settings: Settings) -> tuple[list[dict[str, object]], list[dict
     return _materializations(result), checks
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_serving_smoke(settings: Settings, bento_tag: str, requests: int = 40) -> dict[str, object]:
+    """Serve ``bento_tag`` on a loopback port and post test-split images to it, as a camera.
+
+    Why in the demo: it proves the whole path (bento -> HTTP -> ONNX Runtime -> decision ->
+    PostgreSQL log and review queue) on the model the demo just deployed.
+    """
+    import signal
+    import uuid
+
+    import httpx
+    import numpy as np
+
+    from apex_assets.defs.resources import build_resources
+
+    port = _free_port()
+    log_path = settings.home / "logs" / "serve-demo.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "apex_assets.cli", "serve", "--bento", bento_tag]
+    cmd += ["--port", str(port)]
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            cmd,
+            env=_serving_env(settings),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise click.ClickException(f"the service did not start; see {log_path}")
+            time.sleep(0.5)
+        lake = build_resources(settings)["lake"].get_lake()  # type: ignore[attr-defined]
+        splits = lake.read("curated/balanced_splits.parquet")
+        test = splits.filter(splits["split"] == "test").head(requests)
+        latencies: list[float] = []
+        outcomes: dict[str, int] = {}
+        with httpx.Client(base_url=base, timeout=30) as client:
+            for row in test.iter_rows(named=True):
+                data = (settings.image_root / row["image_path"]).read_bytes()
+                started = time.perf_counter()
+                resp = client.post(
+                    "/api/v1/ml/predict/visual-inspection",
+                    files={"image": ("image", data)},
+                    data={
+                        "image_id": str(uuid.UUID(row["image_id"])),
+                        "camera_id": row["camera_id"],
+                    },
+                    headers={"X-API-Key": settings.api_key} if settings.api_key else {},
+                )
+                latencies.append((time.perf_counter() - started) * 1000)
+                key = resp.json().get("prediction") if resp.status_code == 200 else resp.status_code
+                outcomes[str(key)] = outcomes.get(str(key), 0) + 1
+        return {
+            "requests": len(latencies),
+            "outcomes": outcomes,
+            "p50_ms": float(np.percentile(latencies, 50)) if latencies else None,
+            "p99_ms": float(np.percentile(latencies, 99)) if latencies else None,
+            "log": str(log_path),
+            "url": base,
+        }
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _print_curation(assets: list[dict[str, object]], checks: list[dict[str, object]]) -> None:
     for row in assets:
         rows = row.get("dagster/row_count", "?")
@@ -549,6 +633,17 @@ def demo(scale: str, dataset: str, seed: int) -> None:
             "approved_model was not materialized and no registry alias moved"
         )
     stages["training + evaluation"] = time.perf_counter() - mark
+    bento = next((a for a in trained if a["asset"] == "deployed_bento"), None)
+    served: dict[str, object] | None = None
+    if bento is not None:
+        mark = time.perf_counter()
+        say(f"serving: {bento['bento_tag']} on loopback, posting test-split images as a camera:")
+        served = run_serving_smoke(settings, str(bento["bento_tag"]))
+        say(
+            f"  {served['requests']} requests: {served['outcomes']}, P50 "
+            f"{served['p50_ms']:.1f} ms, P99 {served['p99_ms']:.1f} ms (client side)"
+        )
+        stages["serving"] = time.perf_counter() - mark
 
     counts = source_db.count_rows(uri, source_db.SOURCE_TABLES)
     click.echo("\n== Apex demo summary ==")
@@ -583,6 +678,11 @@ def demo(scale: str, dataset: str, seed: int) -> None:
     for check in gate_checks:
         verdict = "PASSED" if check["passed"] else "FAILED (model not approved)"
         click.echo(f"gate:        {verdict}: {check['description'][:150]}")
+    if bento is not None:
+        click.echo(
+            f"bento:       {bento['bento_tag']} (production v{bento['production_version']}, "
+            f"shadow v{bento['shadow_version']}); `apex serve --bento {bento['bento_tag']}`"
+        )
     click.echo(f"mlflow:      {settings.mlflow_tracking_uri}")
     click.echo(
         f"lake:        {(settings.s3_bucket and 's3://' + settings.s3_bucket) or settings.lake_dir}"
@@ -624,6 +724,142 @@ def dev(port: int) -> None:
     ]
     say("running " + " ".join(cmd))
     raise SystemExit(subprocess.call(cmd))
+
+
+def _serving_env(settings: Settings) -> dict[str, str]:
+    """Environment of a serving process: BentoML's store inside APEX_HOME unless set."""
+    env = dict(os.environ)
+    env.setdefault("BENTOML_HOME", str(settings.bentoml_home))
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    return env
+
+
+def latest_bento(settings: Settings) -> str | None:
+    """Tag of the newest bento that ``deployed_bento`` built, or None."""
+    os.environ.setdefault("BENTOML_HOME", str(settings.bentoml_home))
+    import bentoml
+
+    from apex_assets.lib.bento import BENTO_NAME
+
+    try:
+        bentos = bentoml.bentos.list(BENTO_NAME)
+    except Exception:
+        return None
+    if not bentos:
+        return None
+    return str(max(bentos, key=lambda b: b.info.creation_time).tag)
+
+
+@main.command()
+@click.option(
+    "--model",
+    "model",
+    default=None,
+    help="Production model: .onnx file, its "
+    "folder or a BentoML model tag (default: APEX_SERVING_MODEL, else the newest bento).",
+)
+@click.option("--shadow", default=None, help="Shadow (candidate) model, same forms as --model.")
+@click.option("--bento", default=None, help="Serve this built bento tag instead of models.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=3000, show_default=True)
+@click.option("--workers", type=int, default=None, help="Worker processes (APEX_SERVING_WORKERS).")
+@click.option("--threads", type=int, default=None, help="Inference threads per worker.")
+def serve(
+    model: str | None,
+    shadow: str | None,
+    bento: str | None,
+    host: str,
+    port: int,
+    workers: int | None,
+    threads: int | None,
+) -> None:
+    """Start the inspection service (BentoML) on POST /api/v1/ml/predict/visual-inspection."""
+    settings = load_settings()
+    env = _serving_env(settings)
+    for name, value in (
+        ("APEX_SERVING_MODEL", model),
+        ("APEX_SERVING_SHADOW_MODEL", shadow),
+        ("APEX_SERVING_WORKERS", workers),
+        ("APEX_SERVING_THREADS", threads),
+    ):
+        if value is not None:
+            env[name] = str(value)
+    # The embedded database lives as long as this command (workers attach to it).
+    uri = source_uri(settings)
+    say(f"prediction log and review queue: {_describe_db(settings)}")
+    del uri
+    bentoml_exe = str(Path(sys.executable).parent / "bentoml")
+    if (
+        bento is None
+        and not env.get("APEX_SERVING_MODEL")
+        and not env.get("APEX_SERVING_SHADOW_MODEL")
+    ):
+        bento = latest_bento(settings)
+        if bento is None:
+            raise click.ClickException(
+                "no model to serve: pass --model PATH (an .onnx file or its folder), set "
+                "APEX_SERVING_MODEL, or build a bento with `apex demo` (deployed_bento)"
+            )
+    target = bento or "serving.service:VisualInspection"
+    project_root = Path(__file__).resolve().parent.parent
+    cmd = [bentoml_exe, "serve", target, "--host", host, "--port", str(port)]
+    if bento is None:
+        cmd += ["--working-dir", str(project_root)]
+    say("running " + " ".join(cmd))
+    raise SystemExit(subprocess.call(cmd, env=env))
+
+
+@main.command("shadow-report")
+def shadow_report_command() -> None:
+    """Compare the shadow model with production on the line's logged requests."""
+    import dagster as dg
+
+    from apex_assets.definitions import defs
+
+    settings = load_settings()
+    prepare_dagster_home(settings)
+    source_uri(settings)
+    result = defs.resolve_job_def("shadow_comparison_job").execute_in_process(
+        instance=dg.DagsterInstance.get(), run_config=QUIET_LOGS, raise_on_error=False
+    )
+    if not result.success:
+        failed = [e.message for e in result.all_events if e.is_failure]
+        raise click.ClickException("shadow comparison failed: " + "; ".join(failed[:2]))
+    for row in _materializations(result):
+        click.echo(str(row.get("report", "")))
+        click.echo(f"promotion: {row.get('promotion')}")
+
+
+@main.command()
+@click.option("--version", "version", required=True, help="The registered version in shadow.")
+@click.option("--by", "approved_by", required=True, help="Who approves the promotion.")
+@click.option("--reason", required=True, help="Why (recorded with the promotion).")
+@click.option(
+    "--force", is_flag=True, help="Promote even if the shadow comparison does not pass (recorded)."
+)
+def promote(version: str, approved_by: str, reason: str, force: bool) -> None:
+    """Promote the shadow model version to production (an explicit, recorded step)."""
+    import dagster as dg
+
+    from apex_assets.definitions import defs
+
+    settings = load_settings()
+    prepare_dagster_home(settings)
+    source_uri(settings)
+    config = {"version": version, "approved_by": approved_by, "reason": reason, "force": force}
+    result = defs.resolve_job_def("promotion_job").execute_in_process(
+        instance=dg.DagsterInstance.get(),
+        run_config={**QUIET_LOGS, "ops": {"production_model": {"config": config}}},
+        raise_on_error=False,
+    )
+    if not result.success:
+        failed = [e.message for e in result.all_events if e.is_failure]
+        raise click.ClickException("promotion refused: " + "; ".join(failed[:2]))
+    for row in _materializations(result):
+        click.echo(
+            f"v{row['model_version']} is in production (was {row['previous_version']}), "
+            f"bento {row['bento_tag']}; serve it with `apex serve --bento {row['bento_tag']}`"
+        )
 
 
 @main.command()

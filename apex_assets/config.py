@@ -77,8 +77,8 @@ def _env_fractions(name: str, default: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
-def _env_pairs(name: str, default: str) -> dict[str, str]:
-    """``KEY=VALUE,KEY=VALUE`` (empty string = none)."""
+def _env_pairs(name: str, default: str, *, numeric: bool = True) -> dict[str, str]:
+    """``KEY=VALUE,KEY=VALUE`` (empty string = none); values must be numbers if ``numeric``."""
     raw = _env(name, default)
     out: dict[str, str] = {}
     for item in (raw or "").split(","):
@@ -87,10 +87,13 @@ def _env_pairs(name: str, default: str) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"{name} must look like KEY=0.9,OTHER=0.8, got {raw!r}")
-        try:
-            float(value)
-        except ValueError as exc:
-            raise ValueError(f"{name}: {key.strip()} needs a number, got {value!r}") from exc
+        if numeric:
+            try:
+                float(value)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {key.strip()} needs a number, got {value!r}") from exc
+        elif not value.strip():
+            raise ValueError(f"{name}: {key.strip()} needs a value, got {raw!r}")
         out[key.strip()] = value.strip()
     return out
 
@@ -432,6 +435,124 @@ class Settings:
             "doc": "Top-1 confidence below which a part goes to human review",
         }
     )
+    defect_threshold: float = field(
+        metadata={
+            "env": "APEX_DEFECT_THRESHOLD",
+            "doc": "Serving: every defect class at or above this probability is reported",
+        }
+    )
+    action_by_severity: dict[str, str] = field(
+        metadata={
+            "env": "APEX_ACTION_BY_SEVERITY",
+            "doc": "Serving: recommended action per severity, severity=ACTION pairs",
+        }
+    )
+    cam_threshold: float = field(
+        metadata={
+            "env": "APEX_CAM_THRESHOLD",
+            "doc": "Serving: CAM share of its peak that bounds a defect's box",
+        }
+    )
+    onnx_parity_tolerance: float = field(
+        metadata={
+            "env": "APEX_ONNX_PARITY_TOLERANCE",
+            "doc": "onnx_model parity: max abs difference of probabilities vs eager PyTorch",
+        }
+    )
+    onnx_int8: bool = field(
+        metadata={
+            "env": "APEX_ONNX_INT8",
+            "doc": "onnx_model: also build a static INT8 model (kept only within the drop bound)",
+        }
+    )
+    onnx_int8_max_accuracy_drop: float = field(
+        metadata={
+            "env": "APEX_ONNX_INT8_MAX_ACCURACY_DROP",
+            "doc": "onnx_model: largest test accuracy drop accepted for the INT8 model",
+        }
+    )
+    serving_model: str | None = field(
+        metadata={
+            "env": "APEX_SERVING_MODEL",
+            "doc": "Serving: production model, an .onnx path or a BentoML model tag; "
+            "unset = the bento's production model",
+        }
+    )
+    serving_shadow_model: str | None = field(
+        metadata={
+            "env": "APEX_SERVING_SHADOW_MODEL",
+            "doc": "Serving: shadow (candidate) model, path or tag; unset = no shadow",
+        }
+    )
+    serving_backend: str = field(
+        metadata={
+            "env": "APEX_SERVING_BACKEND",
+            "doc": "Serving: onnx, torch, or auto (ONNX Runtime, PyTorch if ONNX fails)",
+        }
+    )
+    serving_workers: int = field(
+        metadata={"env": "APEX_SERVING_WORKERS", "doc": "Serving: BentoML worker processes"}
+    )
+    serving_threads: int = field(
+        metadata={
+            "env": "APEX_SERVING_THREADS",
+            "doc": "Serving: inference threads per worker (workers x threads <= cores)",
+        }
+    )
+    serving_max_batch_size: int = field(
+        metadata={"env": "APEX_SERVING_MAX_BATCH_SIZE", "doc": "Serving: adaptive batch cap"}
+    )
+    serving_max_latency_ms: int = field(
+        metadata={
+            "env": "APEX_SERVING_MAX_LATENCY_MS",
+            "doc": "Serving: adaptive batching latency budget; later requests get 503",
+        }
+    )
+    api_key: str | None = field(
+        metadata={
+            "env": "APEX_API_KEY",
+            "doc": "Serving: required X-API-Key header value; unset = no key",
+        }
+    )
+    max_request_bytes: int = field(
+        metadata={"env": "APEX_MAX_REQUEST_BYTES", "doc": "Serving: largest request body"}
+    )
+    max_image_pixels: int = field(
+        metadata={"env": "APEX_MAX_IMAGE_PIXELS", "doc": "Serving: largest decoded image"}
+    )
+    serving_cameras: tuple[str, ...] | None = field(
+        metadata={
+            "env": "APEX_SERVING_CAMERAS",
+            "doc": "Serving: accepted camera ids; unset = those in inspection.camera_calibration",
+        }
+    )
+    review_image_dir: Path = field(
+        metadata={
+            "env": "APEX_REVIEW_IMAGE_DIR",
+            "doc": "Serving: where images routed to human review are kept",
+        }
+    )
+    prediction_spool_dir: Path = field(
+        metadata={
+            "env": "APEX_PREDICTION_SPOOL_DIR",
+            "doc": "Serving: prediction log spool while PostgreSQL is unreachable",
+        }
+    )
+    bentoml_home: Path = field(
+        metadata={"env": "BENTOML_HOME", "doc": "BentoML model and bento store"}
+    )
+    shadow_min_requests: int = field(
+        metadata={
+            "env": "APEX_SHADOW_MIN_REQUESTS",
+            "doc": "Promotion: shadow comparisons needed before a promotion",
+        }
+    )
+    shadow_min_agreement: float = field(
+        metadata={
+            "env": "APEX_SHADOW_MIN_AGREEMENT",
+            "doc": "Promotion: least shadow/production decision agreement",
+        }
+    )
 
     @property
     def dagster_home(self) -> Path:
@@ -531,6 +652,34 @@ def load_settings() -> Settings:
         },
         gate_max_false_reject_rate=_env_float("APEX_GATE_MAX_FRR", 0.05),
         confidence_threshold=_env_float("APEX_CONFIDENCE_THRESHOLD", 0.8),
+        defect_threshold=_env_float("APEX_DEFECT_THRESHOLD", 0.5),
+        action_by_severity=_env_pairs(
+            "APEX_ACTION_BY_SEVERITY", "minor=PASS,major=REWORK,critical=SCRAP", numeric=False
+        ),
+        cam_threshold=_env_float("APEX_CAM_THRESHOLD", 0.5),
+        onnx_parity_tolerance=_env_float("APEX_ONNX_PARITY_TOLERANCE", 1e-4),
+        onnx_int8=_env_bool("APEX_ONNX_INT8", False),
+        onnx_int8_max_accuracy_drop=_env_float("APEX_ONNX_INT8_MAX_ACCURACY_DROP", 0.01),
+        serving_model=_env("APEX_SERVING_MODEL"),
+        serving_shadow_model=_env("APEX_SERVING_SHADOW_MODEL"),
+        serving_backend=_env("APEX_SERVING_BACKEND", "auto") or "auto",
+        serving_workers=_env_int("APEX_SERVING_WORKERS", 1),
+        serving_threads=_env_int("APEX_SERVING_THREADS", 1),
+        serving_max_batch_size=_env_int("APEX_SERVING_MAX_BATCH_SIZE", 16),
+        serving_max_latency_ms=_env_int("APEX_SERVING_MAX_LATENCY_MS", 150),
+        api_key=_env("APEX_API_KEY"),
+        max_request_bytes=_env_int("APEX_MAX_REQUEST_BYTES", 10 * 1024 * 1024),
+        max_image_pixels=_env_int("APEX_MAX_IMAGE_PIXELS", 50_000_000),
+        serving_cameras=_env_list("APEX_SERVING_CAMERAS"),
+        review_image_dir=Path(
+            _env("APEX_REVIEW_IMAGE_DIR", str(home / "review_images")) or ""
+        ).resolve(),
+        prediction_spool_dir=Path(
+            _env("APEX_PREDICTION_SPOOL_DIR", str(home / "prediction_spool")) or ""
+        ).resolve(),
+        bentoml_home=Path(_env("BENTOML_HOME", str(home / "bentoml")) or "").resolve(),
+        shadow_min_requests=_env_int("APEX_SHADOW_MIN_REQUESTS", 500),
+        shadow_min_agreement=_env_float("APEX_SHADOW_MIN_AGREEMENT", 0.95),
     )
 
 

@@ -10,6 +10,8 @@ from apex_assets.defs.automation.cdc import (
 from apex_assets.defs.curation.assets import curation_assets
 from apex_assets.defs.curation.checks import curation_checks
 from apex_assets.defs.deployment.assets import deployment_assets
+from apex_assets.defs.deployment.bento import bento_assets
+from apex_assets.defs.deployment.onnx import deployment_onnx_assets, deployment_onnx_checks
 from apex_assets.defs.evaluation.assets import evaluation_assets, evaluation_checks
 from apex_assets.defs.features.assets import feature_assets
 from apex_assets.defs.ingestion.assets import ingestion_assets
@@ -25,9 +27,24 @@ curation_job = dg.define_asset_job(
 
 training_job = dg.define_asset_job(
     "training_job",
-    selection=dg.AssetSelection.assets("trained_model", "evaluation_report", "approved_model"),
+    selection=dg.AssetSelection.assets(
+        "trained_model", "evaluation_report", "approved_model", "onnx_model", "deployed_bento"
+    ),
     description="Train -> evaluate on the test split -> deployment gate (blocking) -> approve "
-    "the version as the candidate for shadow deployment.",
+    "the version -> ONNX export with parity (blocking) -> bento with the version in shadow.",
+)
+
+shadow_comparison_job = dg.define_asset_job(
+    "shadow_comparison_job",
+    selection=dg.AssetSelection.assets("shadow_comparison"),
+    description="Compare the shadow model with production on the logged line requests.",
+)
+
+promotion_job = dg.define_asset_job(
+    "promotion_job",
+    selection=dg.AssetSelection.assets("production_model"),
+    description="Promote the shadow version to production (run by `apex promote`, with who "
+    "and why in the run config; refused unless the shadow comparison passes).",
 )
 
 embeddings_job = dg.define_asset_job(
@@ -50,14 +67,18 @@ defs = dg.Definitions(
         *training_assets,
         *evaluation_assets,
         *deployment_assets,
+        *deployment_onnx_assets,
+        *bento_assets,
     ],
-    asset_checks=[*curation_checks, *evaluation_checks],
+    asset_checks=[*curation_checks, *evaluation_checks, *deployment_onnx_checks],
     jobs=[
         cdc_ingestion_job,
         curation_job,
         embeddings_job,
         training_job,
         architecture_comparison_job,
+        shadow_comparison_job,
+        promotion_job,
     ],
     schedules=[cdc_ingestion_schedule, delete_reconciliation_schedule],
     resources=build_resources(),

@@ -66,7 +66,12 @@ def test_training_chain_is_gated_by_a_blocking_check():
         "trained_model",
         "evaluation_report",
         "approved_model",
+        "onnx_model",
+        "deployed_bento",
     }
+    # ONNX parity blocks the bento exactly as the gate blocks approval.
+    parity = next(c for c in defs.resolve_asset_graph().asset_check_keys if c.name == "onnx_parity")
+    assert defs.resolve_asset_graph().get_check_spec(parity).blocking
 
 
 def test_dg_check_defs_passes(tmp_path):

@@ -8,6 +8,15 @@ example's size). So the ``onnx_model`` asset compares ONNX against eager PyTorch
 split and blocks deployment unless the softmax probabilities agree to ``1e-4`` and the top-1
 class is identical on every image.
 
+Why a ``cam`` output in the graph: serving localizes a defect with a class activation map
+(:mod:`apex_assets.lib.cam`) and must do so with ONNX Runtime alone, without torch at the edge.
+For a head of global average pooling + one linear layer the raw map of every class is
+``einsum("kd,ndhw->nkhw", W, features)`` (classifier weight ``W``, no bias, no relu: serving
+rectifies, upsamples and normalizes it). Exporting it as a second output costs one small matmul
+on features the logits need anyway, instead of a second model or a torch dependency. Which
+outputs a file has is recorded in ``metadata_props["apex_outputs"]`` and readable with
+:func:`onnx_outputs`.
+
 Why the model card goes into the ``.onnx`` file (``metadata_props``): serving must preprocess
 exactly as in training (size, channels, mean/std) and read the outputs in the card's class
 order; carried inside the model file, the two can never be separated or mismatched.
@@ -40,7 +49,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,23 +62,32 @@ from torch import nn
 from apex_assets.lib.models import set_threads
 
 __all__ = [
+    "CAM_OUTPUT_NAME",
     "INPUT_NAME",
+    "OUTPUTS_METADATA_KEY",
     "OUTPUT_NAME",
+    "Int8Comparison",
     "OnnxExportError",
     "ParityReport",
     "check_parity",
+    "compare_quantized",
     "export_onnx",
+    "onnx_outputs",
     "ort_probs",
     "ort_session",
     "parity",
     "quantize_dynamic_int8",
     "quantize_static_int8",
     "read_onnx_metadata",
+    "rebatch",
     "softmax",
 ]
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+CAM_OUTPUT_NAME = "cam"
+#: ``metadata_props`` key listing the graph's outputs, comma-separated ("logits,cam").
+OUTPUTS_METADATA_KEY = "apex_outputs"
 # Batch size of the example input: not 0 or 1, which torch.export would specialize on.
 _EXAMPLE_BATCH = 2
 _MAX_BATCH = 4096
@@ -116,7 +134,13 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return dict(metadata)
 
 
-def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: int | None) -> None:
+def _export_dynamo(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    opset: int | None,
+    outputs: tuple[str, ...],
+) -> None:
     batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -127,7 +151,7 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: i
             dynamo=True,
             verbose=False,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=list(outputs),
             opset_version=opset,
             dynamic_shapes=({0: batch},),
             external_data=False,
@@ -135,7 +159,11 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: i
 
 
 def _export_torchscript(
-    model: nn.Module, example: torch.Tensor, path: Path, opset: int | None
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    opset: int | None,
+    outputs: tuple[str, ...],
 ) -> None:
     kwargs = {} if opset is None else {"opset_version": opset}
     with warnings.catch_warnings():
@@ -147,26 +175,42 @@ def _export_torchscript(
             dynamo=False,
             verbose=False,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            output_names=list(outputs),
+            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *outputs)},
             **kwargs,
         )
 
 
-def _check_io(proto: onnx.ModelProto, in_chans: int, image_size: int) -> None:
-    """The graph takes ``image`` [batch, C, H, W] float32 with a symbolic batch axis.
+def _check_batch_axis(value_info: onnx.ValueInfoProto, what: str) -> None:
+    dims = value_info.type.tensor_type.shape.dim
+    if dims and (dims[0].HasField("dim_value") or not dims[0].dim_param):
+        raise OnnxExportError(
+            f"the batch axis of {what} {value_info.name!r} is not dynamic: {dims[0]}"
+        )
+
+
+def _check_io(
+    proto: onnx.ModelProto,
+    in_chans: int,
+    image_size: int,
+    outputs: tuple[str, ...] = (OUTPUT_NAME,),
+) -> None:
+    """The graph takes ``image`` [batch, C, H, W] float32 with a symbolic batch axis and
+    returns exactly ``outputs`` (``logits``, optionally ``cam``), each batch-dynamic.
 
     Why check: serving feeds by name and batches of any size; a batch axis frozen at the
     example's size would pass a batch-2 test and fail on the line.
     """
+    if outputs not in ((OUTPUT_NAME,), (OUTPUT_NAME, CAM_OUTPUT_NAME)):
+        raise OnnxExportError(f"outputs must be logits or logits,cam; got {outputs}")
     inputs = [
         i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}
     ]
-    outputs = list(proto.graph.output)
-    if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]:
+    graph_outputs = list(proto.graph.output)
+    if [i.name for i in inputs] != [INPUT_NAME] or tuple(o.name for o in graph_outputs) != outputs:
         raise OnnxExportError(
-            f"expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, got inputs "
-            f"{[i.name for i in inputs]} and outputs {[o.name for o in outputs]}"
+            f"expected input {INPUT_NAME!r} and outputs {list(outputs)}, got inputs "
+            f"{[i.name for i in inputs]} and outputs {[o.name for o in graph_outputs]}"
         )
     tensor_type = inputs[0].type.tensor_type
     if tensor_type.elem_type != onnx.TensorProto.FLOAT:
@@ -174,14 +218,66 @@ def _check_io(proto: onnx.ModelProto, in_chans: int, image_size: int) -> None:
     dims = tensor_type.shape.dim
     if len(dims) != 4:
         raise OnnxExportError(f"input {INPUT_NAME!r} has rank {len(dims)}, expected 4")
-    if dims[0].HasField("dim_value") or not dims[0].dim_param:
-        raise OnnxExportError(f"the batch axis of {INPUT_NAME!r} is not dynamic: {dims[0]}")
+    _check_batch_axis(inputs[0], "input")
     fixed = [d.dim_value for d in dims[1:]]
     if fixed != [in_chans, image_size, image_size]:
         raise OnnxExportError(
             f"input {INPUT_NAME!r} is [N, {', '.join(map(str, fixed))}], "
             f"expected [N, {in_chans}, {image_size}, {image_size}]"
         )
+    for output in graph_outputs:
+        _check_batch_axis(output, "output")
+        rank = len(output.type.tensor_type.shape.dim)
+        expected_rank = 4 if output.name == CAM_OUTPUT_NAME else 2
+        if output.type.tensor_type.HasField("shape") and rank != expected_rank:
+            raise OnnxExportError(
+                f"output {output.name!r} has rank {rank}, expected {expected_rank}"
+            )
+
+
+class _LogitsAndCam(nn.Module):
+    """``model`` returning ``(logits, cam)``: the raw class activation maps [N, K, h, w] are
+    ``einsum("kd,ndhw->nkhw", W, features)`` of the same features the logits come from.
+
+    No bias and no relu: a CAM is the per-location share of the logit, and serving decides how
+    to rectify and scale it (as :func:`apex_assets.lib.cam.cam_from_features` does in torch).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_features(image)
+        logits = self.model.forward_head(features)
+        weight = self.model.get_classifier().weight
+        cam = torch.einsum("kd,ndhw->nkhw", weight, features)
+        return logits, cam
+
+
+def _cam_head_error(model: nn.Module, example: torch.Tensor) -> str | None:
+    """Why ``model`` (eval mode) cannot get a CAM output, or None when it can.
+
+    A CAM output is only meaningful for a head of global average pooling + one linear layer;
+    that is verified numerically on ``example`` with the same test as
+    :func:`apex_assets.lib.cam.cam_from_features`, not guessed from class names.
+    """
+    from apex_assets.lib.cam import _check_pool_linear, _linear_classifier
+
+    for name in ("forward_features", "forward_head"):
+        if not callable(getattr(model, name, None)):
+            return f"{type(model).__name__} has no {name}(): CAM needs a timm-style model"
+    try:
+        clf = _linear_classifier(model)
+        with torch.no_grad():
+            features = model.forward_features(example)
+            logits = model.forward_head(features)
+        _check_pool_linear(model, features, clf, logits)
+    except ValueError as exc:
+        return str(exc)
+    except Exception as exc:  # a forward that fails here fails the export with its own error
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def export_onnx(
@@ -192,9 +288,16 @@ def export_onnx(
     image_size: int,
     opset: int | None = None,
     metadata: Mapping[str, str] | None = None,
+    cam: bool | None = None,
 ) -> Path:
-    """Export ``model`` to ``path`` as ONNX: input ``image`` [N, C, H, W] float32, output
-    ``logits`` [N, k], with a dynamic batch axis; returns ``path``.
+    """Export ``model`` to ``path`` as ONNX: input ``image`` [N, C, H, W] float32, outputs
+    ``logits`` [N, k] and, when the head allows it, ``cam`` [N, k, h, w], all with a dynamic
+    batch axis; returns ``path``.
+
+    ``cam``: None (auto) adds the CAM output when the head is global average pooling + one
+    ``nn.Linear`` (checked numerically); True requires it (:class:`OnnxExportError` if the head
+    does not allow it); False never adds it. The outputs are recorded in
+    ``metadata_props["apex_outputs"]`` (``"logits,cam"`` or ``"logits"``).
 
     An eval-mode CPU float32 copy is exported, so the caller's model keeps its device and
     train/eval mode. ``metadata`` (e.g. ``{"model_card": card.to_json()}``) goes into the
@@ -206,17 +309,32 @@ def export_onnx(
         raise OnnxExportError(f"in_chans must be a positive int, got {in_chans!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise OnnxExportError(f"image_size must be a positive int, got {image_size!r}")
+    if cam is not None and not isinstance(cam, bool):
+        raise OnnxExportError(f"cam must be True, False or None, got {cam!r}")
     props = _check_metadata(metadata)
+    if OUTPUTS_METADATA_KEY in props:
+        raise OnnxExportError(f"metadata key {OUTPUTS_METADATA_KEY!r} is reserved for the export")
     path = Path(path)
     export_model = copy.deepcopy(model).cpu().float().eval()
     generator = torch.Generator().manual_seed(0)
     example = torch.randn((_EXAMPLE_BATCH, in_chans, image_size, image_size), generator=generator)
+    with_cam = False
+    if cam is not False:
+        reason = _cam_head_error(export_model, example)
+        if reason is not None and cam is True:
+            raise OnnxExportError(f"cam=True but the model cannot have a CAM output: {reason}")
+        if reason is not None:
+            log.info("exporting without a cam output: %s", reason[:300])
+        with_cam = reason is None
+    outputs = (OUTPUT_NAME, CAM_OUTPUT_NAME) if with_cam else (OUTPUT_NAME,)
+    graph_model = _LogitsAndCam(export_model).eval() if with_cam else export_model
+    props[OUTPUTS_METADATA_KEY] = ",".join(outputs)
     with _atomic_target(path, ".onnx.tmp") as tmp:
         errors: list[str] = []
         exporter = ""
         for name, fn in (("dynamo", _export_dynamo), ("torchscript", _export_torchscript)):
             try:
-                fn(export_model, example, tmp, opset)
+                fn(graph_model, example, tmp, opset, outputs)
                 exporter = name
                 break
             except Exception as exc:
@@ -234,10 +352,25 @@ def export_onnx(
             onnx.checker.check_model(proto, full_check=True)
         except onnx.checker.ValidationError as exc:
             raise OnnxExportError(f"exported ONNX model fails the checker: {exc}") from exc
-        _check_io(proto, in_chans, image_size)
+        _check_io(proto, in_chans, image_size, outputs)
         onnx.save(proto, str(tmp))
-    log.info("exported %s with the %s exporter", path, exporter)
+    log.info("exported %s (%s) with the %s exporter", path, ",".join(outputs), exporter)
     return path
+
+
+def onnx_outputs(path: Path) -> tuple[str, ...]:
+    """Output names of an ONNX graph, in order (``("logits", "cam")`` or ``("logits",)``).
+
+    Read from the graph itself, not from ``metadata_props``: the graph is what a session runs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxExportError(f"ONNX file not found: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise OnnxExportError(f"cannot read ONNX file {path}: {exc}") from exc
+    return tuple(o.name for o in proto.graph.output)
 
 
 def read_onnx_metadata(path: Path) -> dict[str, str]:
@@ -385,6 +518,40 @@ def parity(
     )
 
 
+def rebatch(batches: Iterable[np.ndarray], sizes: Sequence[int]) -> Iterator[np.ndarray]:
+    """Re-cut a stream of arrays [n_i, ...] into batches of ``sizes[0]``, ``sizes[1]``, ...,
+    cycling through ``sizes``; rows keep their order and the last batch holds what is left.
+
+    Why: a parity check must push several batch sizes through one ONNX session to prove the
+    batch axis is dynamic, while the images are streamed (a test split does not fit in memory).
+    E.g. 12 rows with sizes (1, 7, 32) give batches of 1, 7 and 4.
+    """
+    wanted = [int(s) for s in sizes]
+    if not wanted or any(isinstance(s, bool) or s < 1 for s in sizes):
+        raise ValueError(f"sizes must be positive ints, got {sizes!r}")
+    pending: list[np.ndarray] = []
+    count = 0
+    turn = 0
+    for batch in batches:
+        arr = np.asarray(batch)
+        if arr.ndim == 0:
+            raise ValueError("rebatch needs arrays with a leading batch axis")
+        if arr.shape[0] == 0:
+            continue
+        pending.append(arr)
+        count += arr.shape[0]
+        while count >= wanted[turn % len(wanted)]:
+            size = wanted[turn % len(wanted)]
+            joined = pending[0] if len(pending) == 1 else np.concatenate(pending)
+            yield joined[:size]
+            rest = joined[size:]
+            pending = [rest] if rest.shape[0] else []
+            count -= size
+            turn += 1
+    if count:
+        yield pending[0] if len(pending) == 1 else np.concatenate(pending)
+
+
 def check_parity(
     model: nn.Module,
     session: onnxruntime.InferenceSession,
@@ -428,6 +595,67 @@ def check_parity(
 # --------------------------------------------------------------------------------------------
 # INT8 quantization (offered; accepted by the caller only within its parity/accuracy bounds)
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Int8Comparison:
+    """FP32 vs INT8 ONNX on the labelled test images; ``kept`` says whether INT8 may ship.
+
+    ``accuracy_drop`` = FP32 accuracy - INT8 accuracy (negative when INT8 happens to be
+    better); ``top1_agreement`` = share of images where both predict the same class.
+    """
+
+    images: int
+    fp32_accuracy: float
+    int8_accuracy: float
+    accuracy_drop: float
+    top1_agreement: float
+    max_accuracy_drop: float
+    kept: bool
+
+    def to_dict(self) -> dict:
+        """Plain dict for Dagster metadata and the asset's JSON column."""
+        return asdict(self)
+
+
+def compare_quantized(
+    fp32_probs: np.ndarray,
+    int8_probs: np.ndarray,
+    targets: np.ndarray,
+    *,
+    max_accuracy_drop: float,
+) -> Int8Comparison:
+    """Compare FP32 and INT8 predictions [N, k] against integer ``targets`` [N].
+
+    ``kept`` iff ``accuracy_drop <= max_accuracy_drop``. The drop is computed from the counts
+    of correct images, ``(correct_fp32 - correct_int8) / N``, so equal accuracies give exactly
+    0.0 and a bound of 0.0 keeps a model that loses nothing.
+    """
+    fp32 = np.asarray(fp32_probs)
+    int8 = np.asarray(int8_probs)
+    labels = np.asarray(targets).reshape(-1)
+    if fp32.shape != int8.shape or fp32.ndim != 2:
+        raise ValueError(f"probabilities must be two [N, k] arrays, got {fp32.shape}, {int8.shape}")
+    if fp32.shape[0] == 0 or labels.shape[0] != fp32.shape[0]:
+        raise ValueError(
+            f"need N > 0 images and N targets, got {fp32.shape[0]} and {labels.shape[0]}"
+        )
+    if not np.isfinite(max_accuracy_drop):
+        raise ValueError(f"max_accuracy_drop must be finite, got {max_accuracy_drop}")
+    n = int(fp32.shape[0])
+    fp32_top1, int8_top1 = fp32.argmax(axis=1), int8.argmax(axis=1)
+    fp32_correct = int((fp32_top1 == labels).sum())
+    int8_correct = int((int8_top1 == labels).sum())
+    drop = (fp32_correct - int8_correct) / n
+    return Int8Comparison(
+        images=n,
+        fp32_accuracy=fp32_correct / n,
+        int8_accuracy=int8_correct / n,
+        accuracy_drop=drop,
+        top1_agreement=float((fp32_top1 == int8_top1).mean()),
+        max_accuracy_drop=float(max_accuracy_drop),
+        kept=bool(drop <= max_accuracy_drop),
+    )
 
 
 def _copy_metadata(src: Path, dst_tmp: Path) -> None:

@@ -127,6 +127,33 @@ CREATE TABLE IF NOT EXISTS inspection.predictions (
     predicted_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
     updated_at         timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+-- Serving (issue 5): one request gives a production row and, in shadow mode, a shadow row
+-- with the same request_id; the decision, action and full probability vector are kept so
+-- shadow comparisons and monitoring need no replay.
+ALTER TABLE inspection.predictions ADD COLUMN IF NOT EXISTS request_id uuid;
+ALTER TABLE inspection.predictions ADD COLUMN IF NOT EXISTS recommended_action text;
+ALTER TABLE inspection.predictions ADD COLUMN IF NOT EXISTS probabilities jsonb;
+
+-- The human inspectors' queue: every HUMAN_REVIEW decision of the production model.
+CREATE TABLE IF NOT EXISTS inspection.human_review_queue (
+    review_id          uuid PRIMARY KEY,
+    prediction_id      uuid NOT NULL,
+    request_id         uuid,
+    image_id           uuid,
+    camera_id          text,
+    model_version      text,
+    predicted_class    text,
+    overall_confidence double precision,
+    defects            jsonb,
+    probabilities      jsonb,
+    image_path         text,
+    status             text NOT NULL DEFAULT 'OPEN' CHECK (status IN ('OPEN', 'RESOLVED')),
+    inspector_id       text,
+    inspector_decision text,
+    resolved_at        timestamptz,
+    created_at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    updated_at         timestamptz NOT NULL DEFAULT clock_timestamp()
+);
 
 CREATE TABLE IF NOT EXISTS inspection.inspection_overrides (
     override_id        uuid PRIMARY KEY,
@@ -152,6 +179,9 @@ CREATE INDEX IF NOT EXISTS inspection_results_updated_at_idx ON inspection.inspe
 CREATE INDEX IF NOT EXISTS inspection_results_image_id_idx ON inspection.inspection_results (image_id);
 CREATE INDEX IF NOT EXISTS predictions_updated_at_idx ON inspection.predictions (updated_at);
 CREATE INDEX IF NOT EXISTS predictions_predicted_at_idx ON inspection.predictions (predicted_at);
+CREATE INDEX IF NOT EXISTS predictions_request_id_idx ON inspection.predictions (request_id);
+CREATE INDEX IF NOT EXISTS human_review_queue_status_idx ON inspection.human_review_queue (status, created_at);
+CREATE INDEX IF NOT EXISTS human_review_queue_updated_at_idx ON inspection.human_review_queue (updated_at);
 CREATE INDEX IF NOT EXISTS inspection_overrides_updated_at_idx ON inspection.inspection_overrides (updated_at);
 
 -- updated_at triggers (CREATE OR REPLACE TRIGGER keeps this file idempotent).
@@ -170,6 +200,8 @@ CREATE OR REPLACE TRIGGER defect_annotations_touch BEFORE UPDATE ON inspection.d
 CREATE OR REPLACE TRIGGER inspection_results_touch BEFORE UPDATE ON inspection.inspection_results
     FOR EACH ROW EXECUTE FUNCTION inspection.touch_updated_at();
 CREATE OR REPLACE TRIGGER predictions_touch BEFORE UPDATE ON inspection.predictions
+    FOR EACH ROW EXECUTE FUNCTION inspection.touch_updated_at();
+CREATE OR REPLACE TRIGGER human_review_queue_touch BEFORE UPDATE ON inspection.human_review_queue
     FOR EACH ROW EXECUTE FUNCTION inspection.touch_updated_at();
 CREATE OR REPLACE TRIGGER inspection_overrides_touch BEFORE UPDATE ON inspection.inspection_overrides
     FOR EACH ROW EXECUTE FUNCTION inspection.touch_updated_at();

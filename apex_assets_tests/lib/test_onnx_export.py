@@ -14,16 +14,20 @@ import torch
 
 from apex_assets.lib.models import create_model
 from apex_assets.lib.onnx_export import (
+    Int8Comparison,
     OnnxExportError,
     ParityReport,
     check_parity,
+    compare_quantized,
     export_onnx,
+    onnx_outputs,
     ort_probs,
     ort_session,
     parity,
     quantize_dynamic_int8,
     quantize_static_int8,
     read_onnx_metadata,
+    rebatch,
     softmax,
 )
 from apex_assets.lib.preprocess import PreprocessConfig
@@ -70,12 +74,17 @@ def test_export_passes_checker_with_dynamic_batch_and_leaves_model_untouched(gra
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     (inp,) = proto.graph.input
-    (out,) = proto.graph.output
-    assert (inp.name, out.name) == ("image", "logits")
+    out, cam_out = proto.graph.output  # resnet10t: pool + linear head, so cam is added (auto)
+    assert (inp.name, out.name, cam_out.name) == ("image", "logits", "cam")
     dims = inp.type.tensor_type.shape.dim
     assert dims[0].dim_param and not dims[0].HasField("dim_value")
     assert [d.dim_value for d in dims[1:]] == [1, 32, 32]
     assert out.type.tensor_type.shape.dim[1].dim_value == len(CLASSES)
+    for output in (out, cam_out):  # dynamic batch on both outputs
+        assert output.type.tensor_type.shape.dim[0].dim_param
+    # 32 px / stride 32 = a 1 x 1 map per class
+    assert [d.dim_value for d in cam_out.type.tensor_type.shape.dim[1:]] == [len(CLASSES), 1, 1]
+    assert onnx_outputs(path) == ("logits", "cam")
     assert "dynamo exporter" in proto.doc_string
     # one self-contained file, no temp or external-data files left behind
     assert sorted(os.listdir(path.parent)) == ["gray.onnx"]
@@ -84,7 +93,8 @@ def test_export_passes_checker_with_dynamic_batch_and_leaves_model_untouched(gra
 def test_metadata_round_trip_carries_the_model_card(gray):
     _, path, card = gray
     meta = read_onnx_metadata(path)
-    assert set(meta) == {"model_card"}
+    assert set(meta) == {"model_card", "apex_outputs"}
+    assert meta["apex_outputs"] == "logits,cam"
     restored = ModelCard.from_json(meta["model_card"])
     assert restored == card
     expected = PreprocessConfig(image_size=32, channels=1).to_dict()
@@ -123,7 +133,7 @@ def test_rgb_export_parity_on_random_inputs(tmp_path):
     model = create_model("test_resnet", num_classes=4, in_chans=3)
     path = export_onnx(model.eval(), tmp_path / "sub" / "rgb.onnx", in_chans=3, image_size=48)
     assert path.is_file()
-    assert read_onnx_metadata(path) == {}
+    assert read_onnx_metadata(path) == {"apex_outputs": "logits,cam"}
     report = check_parity(model, ort_session(path), [_batch(2, 3, 48, 5), _batch(5, 3, 48, 6)])
     assert report.passed and report.images == 7 and report.batch_sizes == (2, 5)
 
@@ -237,6 +247,8 @@ def test_int8_quantization_is_smaller_keeps_card_and_mostly_agrees(gray, tmp_pat
     for q in (dyn, static):
         assert q.stat().st_size < 0.5 * size  # int8 weights: roughly 4x smaller
         assert ModelCard.from_json(read_onnx_metadata(q)["model_card"]) == card
+        assert read_onnx_metadata(q)["apex_outputs"] == "logits,cam"
+        assert onnx_outputs(q) == ("logits", "cam")  # the quantized graph keeps the CAM
         probs = ort_probs(ort_session(q), _batch(32, 1, 32, seed=99))
         assert probs.shape == fp32.shape
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
@@ -268,3 +280,137 @@ def test_falls_back_to_torchscript_exporter_when_dynamo_cannot_trace(tmp_path):
     assert "torchscript exporter" in onnx.load(str(path)).doc_string
     report = check_parity(model, ort_session(path), [_batch(1, 1, 8, 1), _batch(3, 1, 8, 2)])
     assert report.passed and report.batch_sizes == (1, 3)
+
+
+# -- CAM output ----------------------------------------------------------------------------
+
+
+def test_cam_output_equals_classifier_weight_times_torch_features(tmp_path):
+    """resnet10t at 64 px: 2 x 2 feature maps; ORT's cam is einsum(W, features) of eager torch,
+    and serving's post-processing of it reproduces cam.cam_from_features."""
+    import torch.nn.functional as F
+
+    from apex_assets.lib.cam import cam_from_features
+
+    torch.set_num_threads(1)
+    torch.manual_seed(4)
+    model = create_model("resnet10t", num_classes=len(CLASSES), in_chans=1)
+    model.train()
+    with torch.no_grad():  # trained-looking BatchNorm statistics
+        model(torch.from_numpy(_batch(8, 1, 64, 40)) * 1.5 + 0.3)
+    model.eval()
+    path = export_onnx(model, tmp_path / "cam.onnx", in_chans=1, image_size=64)
+    assert onnx_outputs(path) == ("logits", "cam")
+    assert read_onnx_metadata(path) == {"apex_outputs": "logits,cam"}
+    session = ort_session(path)
+    assert [o.name for o in session.get_outputs()] == ["logits", "cam"]
+    weight = model.get_classifier().weight.detach()
+    bias = model.get_classifier().bias.detach()
+    for n in (1, 3):  # the same session, two batch sizes: the cam batch axis is dynamic too
+        images = _batch(n, 1, 64, seed=50 + n)
+        logits, cam = session.run(None, {"image": images})
+        with torch.no_grad():
+            features = model.forward_features(torch.from_numpy(images))
+            expected = torch.einsum("kd,ndhw->nkhw", weight, features).numpy()
+            eager_logits = model(torch.from_numpy(images)).numpy()
+        assert cam.shape == (n, len(CLASSES), 2, 2) and cam.dtype == np.float32
+        np.testing.assert_allclose(cam, expected, atol=1e-4)
+        np.testing.assert_allclose(logits, eager_logits, atol=1e-4)
+        # the CAM identity: logit_c = b_c + mean over space of cam_c
+        np.testing.assert_allclose(cam.mean(axis=(2, 3)) + bias.numpy(), logits, atol=1e-4)
+        assert (cam < 0).any()  # raw: no relu inside the graph
+    # relu + bilinear upsampling + max-normalization of ORT's map = the torch CAM
+    images = _batch(1, 1, 64, seed=51)
+    _, cam = session.run(None, {"image": images})
+    with torch.no_grad():
+        features = model.forward_features(torch.from_numpy(images))
+    for k in range(len(CLASSES)):
+        torch_cam = cam_from_features(model, features, k, (64, 64))
+        up = F.interpolate(
+            torch.from_numpy(cam[:, k : k + 1]).clamp_min(0.0),
+            size=(64, 64),
+            mode="bilinear",
+            align_corners=False,
+        )[0, 0].numpy()
+        peak = up.max()
+        from_ort = up / peak if peak > 0 else up
+        np.testing.assert_allclose(from_ort, torch_cam, atol=1e-4)
+
+
+def test_cam_is_left_out_for_heads_that_are_not_pool_plus_linear(tmp_path):
+    """MobileNetV3 has a conv after the pool: auto exports logits only, cam=True refuses."""
+    torch.set_num_threads(1)
+    torch.manual_seed(5)
+    model = create_model("mobilenetv3_small_050", num_classes=len(CLASSES), in_chans=1).eval()
+    target = tmp_path / "mnv3.onnx"
+    with pytest.raises(OnnxExportError, match="cam=True"):
+        export_onnx(model, target, in_chans=1, image_size=32, cam=True)
+    assert not target.exists() and os.listdir(tmp_path) == []
+    path = export_onnx(model, target, in_chans=1, image_size=32)  # cam=None: auto
+    assert onnx_outputs(path) == ("logits",)
+    assert read_onnx_metadata(path) == {"apex_outputs": "logits"}
+    session = ort_session(path)
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    report = check_parity(model, session, [_batch(1, 1, 32, 7), _batch(4, 1, 32, 8)])
+    assert report.passed and report.batch_sizes == (1, 4)
+
+
+def test_cam_false_exports_logits_only_and_metadata_key_is_reserved(tmp_path):
+    torch.manual_seed(6)
+    model = create_model("test_resnet", num_classes=2, in_chans=1).eval()
+    path = export_onnx(model, tmp_path / "plain.onnx", in_chans=1, image_size=32, cam=False)
+    assert onnx_outputs(path) == ("logits",)
+    assert read_onnx_metadata(path)["apex_outputs"] == "logits"
+    with pytest.raises(OnnxExportError, match="reserved"):
+        export_onnx(
+            model, tmp_path / "x.onnx", in_chans=1, image_size=32, metadata={"apex_outputs": "x"}
+        )
+    with pytest.raises(OnnxExportError, match="cam must be"):
+        export_onnx(model, tmp_path / "x.onnx", in_chans=1, image_size=32, cam="yes")  # type: ignore[arg-type]
+    with pytest.raises(OnnxExportError, match="not found"):
+        onnx_outputs(tmp_path / "missing.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["plain.onnx"]
+
+
+# -- rebatching and INT8 comparison (pure) -------------------------------------------------
+
+
+def test_rebatch_cycles_sizes_keeps_row_order_and_yields_the_rest():
+    stream = [np.arange(5), np.arange(5, 6), np.arange(6, 12)]  # 12 rows in uneven pieces
+    out = list(rebatch(stream, (1, 7, 32)))
+    assert [b.tolist() for b in out] == [[0], [1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11]]
+    cycled = list(rebatch([np.arange(10).reshape(10, 1)], (2, 3)))
+    assert [b.shape[0] for b in cycled] == [2, 3, 2, 3]
+    assert np.concatenate(cycled).ravel().tolist() == list(range(10))
+    assert list(rebatch([np.zeros((0, 3))], (2,))) == []
+    assert list(rebatch([], (2,))) == []
+    with pytest.raises(ValueError, match="sizes"):
+        list(rebatch([np.arange(3)], (2, 0)))
+    with pytest.raises(ValueError, match="sizes"):
+        list(rebatch([np.arange(3)], ()))
+
+
+def test_compare_quantized_hand_computed():
+    targets = np.array([0, 1, 1, 0])
+    fp32 = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.3, 0.7]])  # 3 of 4 right
+    int8 = np.array([[0.8, 0.2], [0.6, 0.4], [0.4, 0.6], [0.6, 0.4]])  # 3 of 4 right
+    same = compare_quantized(fp32, int8, targets, max_accuracy_drop=0.0)
+    assert same == Int8Comparison(
+        images=4,
+        fp32_accuracy=0.75,
+        int8_accuracy=0.75,
+        accuracy_drop=0.0,
+        top1_agreement=0.5,  # rows 0 and 2 agree
+        max_accuracy_drop=0.0,
+        kept=True,  # no loss: a 0.0 bound keeps it
+    )
+    worse = np.array([[0.8, 0.2], [0.6, 0.4], [0.6, 0.4], [0.3, 0.7]])  # 1 of 4 right
+    dropped = compare_quantized(fp32, worse, targets, max_accuracy_drop=0.25)
+    assert dropped.accuracy_drop == 0.5 and dropped.int8_accuracy == 0.25
+    assert not dropped.kept
+    assert compare_quantized(fp32, worse, targets, max_accuracy_drop=0.5).kept
+    assert json.loads(json.dumps(dropped.to_dict()))["kept"] is False
+    with pytest.raises(ValueError, match="targets"):
+        compare_quantized(fp32, int8, targets[:3], max_accuracy_drop=0.0)
+    with pytest.raises(ValueError, match=r"\[N, k\]"):
+        compare_quantized(fp32, int8[:, :1], targets, max_accuracy_drop=0.0)
