@@ -430,12 +430,23 @@ def run_training(settings: Settings) -> tuple[list[dict[str, object]], list[dict
     return _materializations(result), checks
 
 
-def _free_port() -> int:
-    import socket
+def _logged_since(settings: Settings, since: dt.datetime, expect: int) -> dict[str, int]:
+    """Rows the service logged since ``since`` (waits up to 10 s for the background writer)."""
+    import psycopg
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    uri = source_uri(settings)
+    deadline = time.monotonic() + 10
+    while True:
+        with psycopg.connect(uri) as conn:
+            production, shadow, queued = conn.execute(
+                "SELECT count(*) FILTER (WHERE NOT is_shadow), count(*) FILTER (WHERE is_shadow),"
+                " (SELECT count(*) FROM inspection.human_review_queue WHERE created_at >= %s)"
+                " FROM inspection.predictions WHERE predicted_at >= %s",
+                (since, since),
+            ).fetchone()
+        if production >= expect or time.monotonic() > deadline:
+            return {"logged": production, "logged_shadow": shadow, "review_queue": queued}
+        time.sleep(0.5)
 
 
 def run_serving_smoke(settings: Settings, bento_tag: str, requests: int = 40) -> dict[str, object]:
@@ -444,44 +455,29 @@ def run_serving_smoke(settings: Settings, bento_tag: str, requests: int = 40) ->
     Why in the demo: it proves the whole path (bento -> HTTP -> ONNX Runtime -> decision ->
     PostgreSQL log and review queue) on the model the demo just deployed.
     """
-    import signal
     import uuid
 
     import httpx
     import numpy as np
 
     from apex_assets.defs.resources import build_resources
+    from apex_assets.lib.serving_process import ServingProcess, ServingStartError
 
-    port = _free_port()
     log_path = settings.home / "logs" / "serve-demo.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "apex_assets.cli", "serve", "--bento", bento_tag]
-    cmd += ["--port", str(port)]
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(
-            cmd,
-            env=_serving_env(settings),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise click.ClickException(f"the service did not start; see {log_path}")
-            time.sleep(0.5)
+        server = ServingProcess.start(
+            ["--bento", bento_tag], env=_serving_env(settings), log=log_path
+        )
+    except ServingStartError as exc:
+        raise click.ClickException(f"the service did not start ({log_path}): {exc}") from exc
+    base = server.url
+    with server:
         lake = build_resources(settings)["lake"].get_lake()  # type: ignore[attr-defined]
         splits = lake.read("curated/balanced_splits.parquet")
         test = splits.filter(splits["split"] == "test").head(requests)
         latencies: list[float] = []
         outcomes: dict[str, int] = {}
+        began = dt.datetime.now(dt.UTC)
         with httpx.Client(base_url=base, timeout=30) as client:
             for row in test.iter_rows(named=True):
                 data = (settings.image_root / row["image_path"]).read_bytes()
@@ -498,20 +494,16 @@ def run_serving_smoke(settings: Settings, bento_tag: str, requests: int = 40) ->
                 latencies.append((time.perf_counter() - started) * 1000)
                 key = resp.json().get("prediction") if resp.status_code == 200 else resp.status_code
                 outcomes[str(key)] = outcomes.get(str(key), 0) + 1
+        logged = _logged_since(settings, began, expect=len(latencies))
         return {
             "requests": len(latencies),
             "outcomes": outcomes,
+            **logged,
             "p50_ms": float(np.percentile(latencies, 50)) if latencies else None,
             "p99_ms": float(np.percentile(latencies, 99)) if latencies else None,
             "log": str(log_path),
             "url": base,
         }
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _print_curation(assets: list[dict[str, object]], checks: list[dict[str, object]]) -> None:
@@ -641,7 +633,9 @@ def demo(scale: str, dataset: str, seed: int) -> None:
         served = run_serving_smoke(settings, str(bento["bento_tag"]))
         say(
             f"  {served['requests']} requests: {served['outcomes']}, P50 "
-            f"{served['p50_ms']:.1f} ms, P99 {served['p99_ms']:.1f} ms (client side)"
+            f"{served['p50_ms']:.1f} ms, P99 {served['p99_ms']:.1f} ms (client side); logged "
+            f"{served['logged']} predictions (+{served['logged_shadow']} shadow), "
+            f"{served['review_queue']} in the human review queue"
         )
         stages["serving"] = time.perf_counter() - mark
 
@@ -806,7 +800,33 @@ def serve(
     if bento is None:
         cmd += ["--working-dir", str(project_root)]
     say("running " + " ".join(cmd))
-    raise SystemExit(subprocess.call(cmd, env=env))
+    raise SystemExit(_run_forwarding_signals(cmd, env))
+
+
+def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+    """Run ``cmd``; SIGTERM/SIGINT stop it and then this process returns normally.
+
+    Why: the embedded PostgreSQL started here stops from an exit hook, which a default SIGTERM
+    skips; forwarding the signal and returning lets the hook run, so nothing is left behind.
+    """
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum: int, _frame: object) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:  # pragma: no cover - the handler above takes SIGINT
+                continue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @main.command("shadow-report")

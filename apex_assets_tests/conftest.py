@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,3 +74,19 @@ def monkeypatch_session_env() -> Iterator[None]:
         mp.setenv(name, value)
     yield
     mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tests that call torch share 2 busy cores: one intra-op thread, restored afterwards.
+
+    Only where a test module imported torch, so the pure-Polars tests never load it.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

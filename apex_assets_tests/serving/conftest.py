@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import io
 import struct
-import sys
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,19 +23,6 @@ SHADOW_VERSION = "4"
 MAX_IMAGE_PIXELS = 4_000_000
 #: Size of the non-square PNG test image (width, height): boxes must fit in it, not in 200x200.
 PNG_SIZE = (120, 80)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Two busy cores shared with other test runs: one intra-op thread where torch is loaded."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)

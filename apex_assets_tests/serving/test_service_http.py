@@ -13,14 +13,10 @@ threshold are covered in-process (``test_predictor.py``), which avoids a second 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import datetime as dt
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -34,6 +30,7 @@ import pytest
 
 from apex_assets.lib.ontology import NO_DEFECT, load_ontology
 from apex_assets.lib.postprocess import ACTIONS, PREDICTIONS
+from apex_assets.lib.serving_process import ServingProcess, ServingStartError
 from apex_assets_tests.serving.conftest import (
     MAX_IMAGE_PIXELS,
     PNG_SIZE,
@@ -60,26 +57,16 @@ class Server:
     url: str
     home: Path
     log: Path
-    proc: subprocess.Popen
+    process: ServingProcess
 
     def log_tail(self, n: int = 60) -> str:
-        try:
-            lines = self.log.read_text(errors="replace").splitlines()
-        except OSError as exc:
-            return f"<cannot read {self.log}: {exc}>"
-        return "\n".join(lines[-n:])
+        return self.process.log_tail(n)
 
     def db_uri(self) -> str:
         """The embedded PostgreSQL that ``apex serve`` started in APEX_HOME/pg."""
         from apex_assets.lib.source_db import resolve_source_uri
 
         return resolve_source_uri(None, self.home / "pg", "quality_vision")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _server_env(home: Path) -> dict[str, str]:
@@ -102,33 +89,6 @@ def _server_env(home: Path) -> dict[str, str]:
         }
     )
     return env
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _stop_group(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
-    """SIGINT the server's process group (clean shutdown), then SIGKILL what is left."""
-    pgid = proc.pid  # start_new_session: the group id is the leader's pid
-    for sig, wait_s in ((signal.SIGINT, timeout_s), (signal.SIGKILL, 5.0)):
-        if not _group_alive(pgid) and proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, sig)
-        deadline = time.monotonic() + wait_s
-        try:
-            proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-        while _group_alive(pgid) and time.monotonic() < deadline:
-            time.sleep(0.2)
 
 
 def _stop_postmaster(pg_dir: Path, timeout_s: float = 15.0) -> None:
@@ -159,52 +119,22 @@ def server(
     request: pytest.FixtureRequest,
 ) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("serve_home")
-    port = _free_port()
     log_path = home / "serve.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "apex_assets.cli",
-        "serve",
-        "--model",
-        str(model_packages.production),
-        "--shadow",
-        str(model_packages.shadow),
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--threads",
-        "1",
-    ]
+    args = ["--model", str(model_packages.production), "--shadow", str(model_packages.shadow)]
+    args += ["--workers", "1", "--threads", "1"]
     failed_before = request.session.testsfailed
-    with log_path.open("wb") as log_fh:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=PROJECT_ROOT,
-            env=_server_env(home),
-            stdin=subprocess.DEVNULL,
-            stdout=log_fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    srv = Server(url=f"http://127.0.0.1:{port}", home=home, log=log_path, proc=proc)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"apex serve exited with {proc.returncode}:\n{srv.log_tail()}")
-            try:
-                if httpx.get(f"{srv.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in {READY_TIMEOUT_S:.0f} s:\n{srv.log_tail()}")
-            time.sleep(0.3)
+        process = ServingProcess.start(
+            args, env=_server_env(home), log=log_path, ready_timeout_s=READY_TIMEOUT_S
+        )
+    except ServingStartError as exc:
+        _stop_postmaster(home / "pg")
+        pytest.fail(str(exc))
+    srv = Server(url=process.url, home=home, log=log_path, process=process)
+    try:
         yield srv
     finally:
-        _stop_group(proc)
+        process.stop()
         _stop_postmaster(home / "pg")
         if request.session.testsfailed > failed_before:
             reporter = request.config.pluginmanager.getplugin("terminalreporter")
@@ -619,7 +549,7 @@ def test_bad_requests_are_4xx_json_and_the_server_keeps_serving(
     resp = post_raw(client, neu_jpeg, image_id=image_id)
     assert resp.status_code == 200, resp.text
     assert_contract(resp.json(), image_id=image_id, camera_id="CAM-01", size=NEU_SIZE)
-    assert server.proc.poll() is None
+    assert server.process.proc.poll() is None
     assert "Traceback" not in server.log.read_text(errors="replace"), server.log_tail()
 
 
