@@ -778,10 +778,11 @@ def serve(
     ):
         if value is not None:
             env[name] = str(value)
-    # The embedded database lives as long as this command (workers attach to it).
-    uri = source_uri(settings)
+    # The embedded database lives as long as this command. The workers get its URI rather
+    # than attaching themselves: a worker stopped by BentoML skips its exit hooks, and a handle
+    # it held would keep the database running after `apex serve` ends.
+    env.setdefault("APEX_SOURCE_DB_URL", source_uri(settings))
     say(f"prediction log and review queue: {_describe_db(settings)}")
-    del uri
     bentoml_exe = str(Path(sys.executable).parent / "bentoml")
     if (
         bento is None
@@ -794,6 +795,16 @@ def serve(
                 "no model to serve: pass --model PATH (an .onnx file or its folder), set "
                 "APEX_SERVING_MODEL, or build a bento with `apex demo` (deployed_bento)"
             )
+    if bento is None:
+        from apex_assets.lib.serving_model import ModelLoadError, resolve_model_dir
+
+        for name in ("APEX_SERVING_MODEL", "APEX_SERVING_SHADOW_MODEL"):
+            ref = env.get(name)
+            if ref and not (":" in ref and "/" not in ref):  # paths are checked here, tags later
+                try:
+                    resolve_model_dir(ref)
+                except ModelLoadError as exc:
+                    raise click.ClickException(f"{name}: {exc}") from None
     target = bento or "serving.service:VisualInspection"
     project_root = Path(__file__).resolve().parent.parent
     cmd = [bentoml_exe, "serve", target, "--host", host, "--port", str(port)]

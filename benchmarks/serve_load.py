@@ -32,8 +32,9 @@ temporary folder, then:
    faster of a measurement before and one after the servers; goal >= 0.8).
 
 When the first server configuration (1x1) misses the line-rate goal, ``--fallback-configs``
-(default 1x2) are tried too. The server is always stopped, even on error: its process group is
-killed and the embedded PostgreSQL it started is shut down.
+(default 1x2) are tried too. The server is always stopped, even on error
+(:class:`~apex_assets.lib.serving_process.ServingProcess`: process group, SIGINT then SIGKILL),
+and so is the embedded PostgreSQL it started.
 
 Writes ``benchmarks/results/serve_load_<arch>_<size>.json`` per model and
 ``benchmarks/results/serve_load.png`` (latency percentiles vs concurrency of every
@@ -52,8 +53,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -68,7 +67,6 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ROOT = Path(__file__).resolve().parent.parent
 NEU_IMAGES = Path("/work/shared/datasets/neu-det/images")
 ROUTE = "/api/v1/ml/predict/visual-inspection"
 CAMERAS = tuple(f"CAM-{k:02d}" for k in range(1, 9))
@@ -231,51 +229,16 @@ def bare_ort_loop(
 
 
 # -- 3. the server -------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def stop_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGTERM the server's process group (apex, bentoml, workers, PostgreSQL), then SIGKILL
-    whatever is left after ``timeout``; waits until the group is gone."""
-    pgid = proc.pid  # started with start_new_session=True: its own group
-    for sig, wait_s in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-        if not _group_alive(pgid):
-            break
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            proc.poll()  # reap the leader, or the group never looks empty
-            if not _group_alive(pgid):
-                break
-            time.sleep(0.2)
-    if proc.poll() is None:
-        proc.wait(timeout=5)
-
-
-def stop_embedded_postgres(home: Path, timeout: float = 20.0) -> None:
+def stop_embedded_postgres(home: Path, timeout: float = 20.0) -> bool:
     """Stop the embedded PostgreSQL that ``apex serve`` started in ``home``.
 
-    Why by hand: it runs in its own session (outside the server's process group), and it stops
-    itself only from an ``atexit`` hook of the last process holding it, which never runs when
-    the server is killed. Its pid comes from ``postmaster.pid`` and is checked against its
-    command line (it must be the server of this folder) before a fast shutdown (SIGINT).
+    A safety net: ``apex serve`` stops it from its exit hooks on SIGINT, but the database runs
+    in its own session (outside the server's process group), so a server that had to be
+    killed leaves it running. Its pid comes from ``postmaster.pid`` and is checked against
+    its command line (it must be the server of this folder) before a fast shutdown (SIGINT).
+    Returns whether one had to be stopped.
     """
+    stopped = False
     for pidfile in home.rglob("postmaster.pid"):
         try:
             pid = int(pidfile.read_text().splitlines()[0])
@@ -284,6 +247,7 @@ def stop_embedded_postgres(home: Path, timeout: float = 20.0) -> None:
             continue
         if str(pidfile.parent) not in cmdline:
             continue
+        stopped = True
         with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGINT)
         deadline = time.monotonic() + timeout
@@ -292,6 +256,7 @@ def stop_embedded_postgres(home: Path, timeout: float = 20.0) -> None:
         if Path(f"/proc/{pid}").exists():
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGQUIT)  # immediate shutdown
+    return stopped
 
 
 def server_env(home: Path, workers: int, threads: int, extra: dict[str, str]) -> dict[str, str]:
@@ -322,46 +287,26 @@ def running_server(
     ready_timeout: float,
     log_path: Path,
 ) -> Iterator[tuple[str, float]]:
-    """``apex serve --model package`` on a free port; yields (base URL, seconds to ready)."""
-    import httpx
+    """``apex serve --model package`` on a free port (the project's
+    :class:`~apex_assets.lib.serving_process.ServingProcess`: own process group, stopped with
+    SIGINT then SIGKILL); yields (base URL, seconds to ready)."""
+    from apex_assets.lib.serving_process import ServingProcess
 
-    port = free_port()
-    cmd = [str(ROOT / ".venv" / "bin" / "apex"), "serve", "--model", str(package)]
-    cmd += ["--port", str(port)]
-    env = server_env(home, workers, threads, extra_env)
     started = time.perf_counter()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    base = f"http://127.0.0.1:{port}"
+    server = ServingProcess.start(
+        ["--model", str(package)],
+        env=server_env(home, workers, threads, extra_env),
+        log=log_path,
+        ready_timeout_s=ready_timeout,
+    )
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{_tail(log_path)}")
-            if time.perf_counter() - started > ready_timeout:
-                raise RuntimeError(
-                    f"server not ready after {ready_timeout:.0f}s:\n{_tail(log_path)}"
-                )
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        yield base, time.perf_counter() - started
+        yield server.url, time.perf_counter() - started
     finally:
         try:
-            stop_group(proc)
+            server.stop()
         finally:
-            stop_embedded_postgres(home)
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no server log)"
+            if stop_embedded_postgres(home):
+                print("    (the server left its embedded PostgreSQL running: stopped)", flush=True)
 
 
 def scrape_metrics(base: str) -> dict[str, float]:
@@ -883,7 +828,7 @@ def plot(results_dir: Path, path: Path) -> Path | None:
             sorted({lv["concurrency"] for s in r["servers"] for lv in s.get("closed_loop") or []})
         )
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.set_yscale("log")
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("concurrent clients (closed loop)")
         ax.set_ylabel("latency of 200 answers (ms)")
         ax.set_title(f"{r['model']} (workers x threads)")
