@@ -111,27 +111,9 @@ def load_payloads(directory: Path, count: int) -> list[bytes]:
 
 def build_package(arch: str, size: int, directory: Path) -> Path:
     """A random-weights package of the Apex taxonomy, 1 channel (what ``onnx_model`` writes)."""
-    import torch
+    from apex_assets.lib.model_package import random_model_package
 
-    from apex_assets.lib.model_card import ModelCard
-    from apex_assets.lib.model_package import write_model_package
-    from apex_assets.lib.models import create_model
-    from apex_assets.lib.ontology import load_ontology
-    from apex_assets.lib.preprocess import PreprocessConfig
-
-    torch.manual_seed(0)
-    ontology = load_ontology("apex_defect_taxonomy")
-    classes = tuple(ontology.class_ids())
-    card = ModelCard(
-        arch=arch,
-        classes=classes,
-        preprocess=PreprocessConfig(image_size=size, channels=1).to_dict(),
-        in_chans=1,
-        ontology={"name": ontology.name, "fingerprint": ontology.fingerprint},
-        no_defect_class="NO_DEFECT",
-    )
-    model = create_model(arch, len(classes), 1).eval()
-    write_model_package(model, card, directory, model_version="1")
+    random_model_package(directory, arch=arch, image_size=size, model_version="1")
     return directory
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from apex_assets.lib.model_card import ModelCard
 from apex_assets.lib.serving_model import MODEL_FILE, WEIGHTS_FILE
 
-__all__ = ["PACKAGE_META", "file_sha256", "write_model_package"]
+__all__ = ["PACKAGE_META", "file_sha256", "random_model_package", "write_model_package"]
 
 PACKAGE_META = "apex_model.json"
 
@@ -84,3 +84,39 @@ def write_model_package(
     }
     (directory / PACKAGE_META).write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def random_model_package(
+    directory: Path,
+    *,
+    arch: str,
+    image_size: int,
+    model_version: str,
+    ontology_name: str = "apex_defect_taxonomy",
+    seed: int = 0,
+) -> tuple[nn.Module, ModelCard]:
+    """A random-weights, 1-channel package of ``ontology_name``'s classes.
+
+    For tests and latency benchmarks: what serving does with a model does not depend on its
+    weights, and nothing can be downloaded here.
+    """
+    import torch
+
+    from apex_assets.lib.models import create_model
+    from apex_assets.lib.ontology import NO_DEFECT, load_ontology
+    from apex_assets.lib.preprocess import PreprocessConfig
+
+    torch.manual_seed(seed)
+    ontology = load_ontology(ontology_name)
+    classes = tuple(ontology.class_ids())
+    card = ModelCard(
+        arch=arch,
+        classes=classes,
+        preprocess=PreprocessConfig(image_size=image_size, channels=1).to_dict(),
+        in_chans=1,
+        ontology={"name": ontology.name, "fingerprint": ontology.fingerprint},
+        no_defect_class=NO_DEFECT if NO_DEFECT in classes else None,
+    )
+    model = create_model(arch, len(classes), 1).eval()
+    write_model_package(model, card, directory, model_version=model_version)
+    return model, card

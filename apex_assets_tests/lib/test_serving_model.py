@@ -9,11 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apex_assets.lib.model_card import ModelCard
-from apex_assets.lib.model_package import write_model_package
-from apex_assets.lib.models import create_model
-from apex_assets.lib.ontology import load_ontology
-from apex_assets.lib.preprocess import PreprocessConfig
+from apex_assets.lib.model_package import random_model_package
 from apex_assets.lib.serving_model import (
     InspectionModel,
     ModelLoadError,
@@ -25,20 +21,7 @@ from apex_assets.lib.serving_model import (
 
 def make_package(directory: Path, *, arch: str = "resnet10t", size: int = 48, version: str = "3"):
     """A random-weights model package of the Apex taxonomy (what onnx_model writes)."""
-    torch.manual_seed(0)
-    ontology = load_ontology("apex_defect_taxonomy")
-    classes = tuple(ontology.class_ids())
-    card = ModelCard(
-        arch=arch,
-        classes=classes,
-        preprocess=PreprocessConfig(image_size=size, channels=1).to_dict(),
-        in_chans=1,
-        ontology={"name": ontology.name, "fingerprint": ontology.fingerprint},
-        no_defect_class="NO_DEFECT",
-    )
-    model = create_model(arch, len(classes), 1).eval()
-    write_model_package(model, card, directory, model_version=version)
-    return model, card
+    return random_model_package(directory, arch=arch, image_size=size, model_version=version)
 
 
 @pytest.fixture(scope="module")
