@@ -10,6 +10,7 @@ serves any pair and the bento records exactly which versions it runs.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import shutil
@@ -23,6 +24,7 @@ __all__ = [
     "MODEL_STORE_NAME",
     "SERVICE_IMPORT",
     "BentoError",
+    "bento_identity",
     "build_bento",
     "import_model_package",
     "model_tag",
@@ -158,14 +160,32 @@ def build_bento(
     return str(bento.tag)
 
 
+def bento_identity(
+    registered_model: str,
+    production_version: str | None,
+    shadow_version: str | None,
+    built_at: dt.datetime | None = None,
+) -> tuple[str, dict[str, str]]:
+    """The bento version ``p<production>-s<shadow>-<UTC time>`` (0 = none) and its labels:
+    the tag alone says which versions a bento serves, and a rebuild never collides."""
+    stamp = (built_at or dt.datetime.now(dt.UTC)).strftime("%Y%m%dT%H%M%S")
+    version = f"p{production_version or 0}-s{shadow_version or 0}-{stamp}"
+    labels = {
+        "registered_model": registered_model,
+        "production_version": production_version or "none",
+        "shadow_version": shadow_version or "none",
+        "stage": "shadow" if shadow_version else "production",
+    }
+    return version, labels
+
+
 def deploy_in_store(
     bentoml_home: Path,
     packages: dict[str, Path],
     *,
+    registered_model: str,
     production_version: str | None,
     shadow_version: str | None,
-    bento_version: str,
-    labels: dict[str, str] | None = None,
     timeout_s: float = 900.0,
 ) -> dict[str, str]:
     """Import ``packages`` (model version -> package folder) and build the bento, in a child
@@ -179,12 +199,13 @@ def deploy_in_store(
     import subprocess
     import sys
 
+    bento_version, labels = bento_identity(registered_model, production_version, shadow_version)
     request = {
         "packages": {str(k): str(v) for k, v in packages.items()},
         "production_version": production_version,
         "shadow_version": shadow_version,
         "bento_version": bento_version,
-        "labels": labels or {},
+        "labels": labels,
     }
     env = dict(os.environ)
     env["BENTOML_HOME"] = str(bentoml_home)

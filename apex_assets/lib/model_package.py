@@ -17,9 +17,28 @@ from torch import nn
 from apex_assets.lib.model_card import ModelCard
 from apex_assets.lib.serving_model import MODEL_FILE, WEIGHTS_FILE
 
-__all__ = ["PACKAGE_META", "file_sha256", "random_model_package", "write_model_package"]
+__all__ = [
+    "PACKAGE_META",
+    "file_sha256",
+    "package_lake_keys",
+    "package_lake_prefix",
+    "random_model_package",
+    "write_model_package",
+]
 
 PACKAGE_META = "apex_model.json"
+
+
+def package_lake_prefix(registered_model: str, version: str) -> str:
+    """Lake folder of one registered version's package (``onnx_model`` writes it,
+    ``deployed_bento`` reads it)."""
+    return f"models/{registered_model}/v{version}"
+
+
+def package_lake_keys(registered_model: str, version: str) -> dict[str, str]:
+    """File name -> lake key of the two files serving needs (model and fallback weights)."""
+    prefix = package_lake_prefix(registered_model, version)
+    return {name: f"{prefix}/{name}" for name in (MODEL_FILE, WEIGHTS_FILE)}
 
 
 def file_sha256(path: Path) -> str:

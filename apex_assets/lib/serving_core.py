@@ -106,7 +106,7 @@ class Predictor:
         if name not in self.ontologies:
             ontology = load_ontology(name)
             want = model.card.ontology.get("fingerprint")
-            if want and getattr(ontology, "fingerprint", want) != want:
+            if want and ontology.fingerprint != want:
                 log.warning(
                     "ontology %s changed since model v%s was trained (fingerprint %s != %s); "
                     "severities come from the current file",

@@ -120,13 +120,6 @@ def cam_localizer(
     return localize
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    arr = np.asarray(logits, dtype=np.float64)
-    shifted = arr - arr.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
 @dataclass
 class InspectionModel:
     """A loaded model: its card, version, backend and a ``run`` over preprocessed batches."""
@@ -195,7 +188,7 @@ class InspectionModel:
 
     @classmethod
     def _load_onnx(cls, ref: str, directory: Path, threads: int) -> InspectionModel:
-        from apex_assets.lib.onnx_export import ort_session, read_onnx_metadata
+        from apex_assets.lib.onnx_export import ort_session, read_onnx_metadata, softmax
 
         path = directory / MODEL_FILE
         props = read_onnx_metadata(path)
@@ -209,7 +202,7 @@ class InspectionModel:
 
         def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
             outputs = session.run(want, {input_name: batch})
-            return _softmax(outputs[0]), (outputs[1] if len(outputs) > 1 else None)
+            return softmax(outputs[0]), (outputs[1] if len(outputs) > 1 else None)
 
         return cls(
             ref=ref,
@@ -227,6 +220,7 @@ class InspectionModel:
 
         from apex_assets.lib.cam import _check_pool_linear, _linear_classifier, logits_and_features
         from apex_assets.lib.models import create_model, set_threads
+        from apex_assets.lib.onnx_export import softmax
 
         path = directory / WEIGHTS_FILE
         if not path.is_file():
@@ -257,7 +251,7 @@ class InspectionModel:
                             checked.append(False)
                     if checked[0]:
                         cams = torch.einsum("kd,ndhw->nkhw", weight, features.float()).numpy()
-            return _softmax(logits.float().numpy()), cams
+            return softmax(logits.float().numpy()), cams
 
         return cls(
             ref=ref,

@@ -20,12 +20,12 @@ from apex_assets.defs.deployment.bento import (
     PRODUCTION_ALIAS,
     SHADOW_ALIAS,
     deployed_bento,
-    package_keys,
     production_model,
     shadow_comparison,
 )
 from apex_assets.defs.resources import LakeResource, MlflowResource, SourceDatabaseResource
 from apex_assets.lib.lake import LocalLake
+from apex_assets.lib.model_package import package_lake_keys
 from apex_assets.lib.registry import alias_version
 from apex_assets_tests.lib.test_serving_model import make_package
 
@@ -45,9 +45,8 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source_db_uri: str):
     lake = LocalLake(lake_dir)
     for version in ("1", "2"):
         client.create_model_version(NAME, source=str(tmp_path / f"src{version}"), run_id=None)
-        pkg = make_package(tmp_path / f"pkg{version}", version=version)
-        del pkg
-        for name, key in package_keys(NAME, version).items():
+        make_package(tmp_path / f"pkg{version}", version=version)
+        for name, key in package_lake_keys(NAME, version).items():
             lake.upload_file(key, tmp_path / f"pkg{version}" / name)
     resources = {
         "mlflow": MlflowResource(

@@ -34,23 +34,15 @@ SHADOW_ALIAS = "shadow"
 PRODUCTION_ALIAS = "production"
 
 
-def package_keys(registered_model: str, version: str) -> dict[str, str]:
-    """Lake keys of a version's deployable package (written by ``onnx_model``)."""
-    base = f"models/{registered_model}/v{version}"
-    return {"model.onnx": f"{base}/model.onnx", "weights.pt": f"{base}/weights.pt"}
-
-
 def _fetch_package(lake, registered_model: str, version: str, root: Path) -> Path | None:
     """Download a version's package from the lake into ``root/v<version>``; None if absent."""
+    from apex_assets.lib.model_package import package_lake_keys
+
     directory = root / f"v{version}"
-    for name, key in package_keys(registered_model, version).items():
+    for name, key in package_lake_keys(registered_model, version).items():
         if not lake.download_file(key, directory / name):
             return None
     return directory
-
-
-def _stamp() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
 
 
 @dg.asset(
@@ -88,19 +80,12 @@ def deployed_bento(
             if directory is not None:
                 packages[version] = directory
         shadow = None if candidate == production else candidate
-        bento_version = f"p{production or 0}-s{shadow or 0}-{_stamp()}"
         result = deploy_in_store(
             settings.bentoml_home,
             packages,
+            registered_model=target.registered_model,
             production_version=production,
             shadow_version=shadow,
-            bento_version=bento_version,
-            labels={
-                "registered_model": target.registered_model,
-                "production_version": production or "none",
-                "shadow_version": shadow or "none",
-                "stage": "shadow" if shadow else "production",
-            },
         )
     bento_tag = result["bento_tag"]
     if shadow:
@@ -254,15 +239,9 @@ def production_model(
     result = deploy_in_store(
         settings.bentoml_home,
         {},
+        registered_model=target.registered_model,
         production_version=config.version,
         shadow_version=None,
-        bento_version=f"p{config.version}-s0-{_stamp()}",
-        labels={
-            "registered_model": target.registered_model,
-            "production_version": config.version,
-            "shadow_version": "none",
-            "stage": "production",
-        },
     )
     promoted_at = dt.datetime.now(dt.UTC)
     set_alias(target, PRODUCTION_ALIAS, config.version)

@@ -50,11 +50,6 @@ LOADER_BATCH_SIZE = 32
 LATENCY_RUNS = 50
 
 
-def model_lake_prefix(registered_model: str, version: str) -> str:
-    """Lake folder of one registered version's serving files."""
-    return f"models/{registered_model}/v{version}"
-
-
 def _size_mb(path: Path) -> float:
     return path.stat().st_size / 2**20
 
@@ -122,7 +117,11 @@ def _build_onnx_model(
 
     from apex_assets.lib.datasets import failures_table
     from apex_assets.lib.latency import measure_callable_latency, measure_latency
-    from apex_assets.lib.model_package import PACKAGE_META, write_model_package
+    from apex_assets.lib.model_package import (
+        PACKAGE_META,
+        package_lake_prefix,
+        write_model_package,
+    )
     from apex_assets.lib.onnx_export import (
         ParityReport,
         check_parity,
@@ -145,7 +144,7 @@ def _build_onnx_model(
     classes = list(card.classes)
     preprocess = card.preprocess_config()
     chans, size = card.in_chans, int(preprocess.image_size)
-    prefix = model_lake_prefix(name, version)
+    prefix = package_lake_prefix(name, version)
     store = lake.get_lake()
     tolerance = settings.onnx_parity_tolerance
 
