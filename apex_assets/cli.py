@@ -223,13 +223,13 @@ def run_cdc_once(settings: Settings) -> list[dict[str, object]]:
     """One tick of the CDC schedule, executed in this process: returns what each run did."""
     import dagster as dg
 
-    from apex_assets.definitions import defs
+    from apex_assets.definitions import build_definitions
     from apex_assets.defs.automation.cdc import plan_cdc_run_requests
 
     prepare_dagster_home(settings)
     uri = source_uri(settings)
     instance = dg.DagsterInstance.get()
-    job = defs.resolve_job_def("cdc_ingestion_job")
+    job = build_definitions(settings).resolve_job_def("cdc_ingestion_job")
     done: list[dict[str, object]] = []
     for _ in range(3):  # a run's own writes never re-trigger, but late rows may arrive
         requests = plan_cdc_run_requests(
@@ -301,32 +301,16 @@ def run_curation(settings: Settings) -> tuple[list[dict[str, object]], list[dict
     """Materialize the curation job in this process: (assets with metadata, check results)."""
     import dagster as dg
 
-    from apex_assets.definitions import defs
+    from apex_assets.definitions import build_definitions
 
     prepare_dagster_home(settings)
     instance = dg.DagsterInstance.get()
-    result = defs.resolve_job_def("curation_job").execute_in_process(
-        instance=instance, run_config=QUIET_LOGS, raise_on_error=False
+    result = (
+        build_definitions(settings)
+        .resolve_job_def("curation_job")
+        .execute_in_process(instance=instance, run_config=QUIET_LOGS, raise_on_error=False)
     )
-    assets = []
-    for event in result.get_asset_materialization_events():
-        mat = event.step_materialization_data.materialization
-        assets.append(
-            {
-                "asset": mat.asset_key.to_user_string(),
-                **{k: v.value for k, v in mat.metadata.items()},
-            }
-        )
-    checks = [
-        {
-            "check": e.check_name,
-            "passed": e.passed,
-            "severity": e.severity.value,
-            "description": e.description or "",
-        }
-        for e in result.get_asset_check_evaluations()
-    ]
-    return assets, checks
+    return _materializations(result), _check_rows(result)
 
 
 #: The demo's ML profile, applied where the user has not set the variable: the production
@@ -382,7 +366,7 @@ def run_embeddings(settings: Settings) -> list[dict[str, object]]:
     import dagster as dg
     import polars as pl
 
-    from apex_assets.definitions import defs
+    from apex_assets.definitions import build_definitions
     from apex_assets.defs.resources import build_resources
 
     prepare_dagster_home(settings)
@@ -396,14 +380,18 @@ def run_embeddings(settings: Settings) -> list[dict[str, object]]:
     ).to_series()
     start, end = days.min().isoformat(), days.max().isoformat()
     say(f"embedding {images.height:,} curated images captured {start} .. {end}:")
-    result = defs.resolve_job_def("embeddings_job").execute_in_process(
-        instance=dg.DagsterInstance.get(),
-        tags={
-            "dagster/asset_partition_range_start": start,
-            "dagster/asset_partition_range_end": end,
-        },
-        run_config=QUIET_LOGS,
-        raise_on_error=True,
+    result = (
+        build_definitions(settings)
+        .resolve_job_def("embeddings_job")
+        .execute_in_process(
+            instance=dg.DagsterInstance.get(),
+            tags={
+                "dagster/asset_partition_range_start": start,
+                "dagster/asset_partition_range_end": end,
+            },
+            run_config=QUIET_LOGS,
+            raise_on_error=True,
+        )
     )
     rows = _materializations(result)
     return [r for r in rows if r.get("images_embedded") is not None][:1]
@@ -413,11 +401,15 @@ def run_training(settings: Settings) -> tuple[list[dict[str, object]], list[dict
     """Train -> evaluate -> gate -> approve, in this process: (assets, check results)."""
     import dagster as dg
 
-    from apex_assets.definitions import defs
+    from apex_assets.definitions import build_definitions
 
     prepare_dagster_home(settings)
-    result = defs.resolve_job_def("training_job").execute_in_process(
-        instance=dg.DagsterInstance.get(), run_config=PROGRESS_LOGS, raise_on_error=False
+    result = (
+        build_definitions(settings)
+        .resolve_job_def("training_job")
+        .execute_in_process(
+            instance=dg.DagsterInstance.get(), run_config=PROGRESS_LOGS, raise_on_error=False
+        )
     )
     checks = _check_rows(result)
     gate_failed = any(c["check"] == "deployment_gate" and not c["passed"] for c in checks)
@@ -639,6 +631,15 @@ def demo(scale: str, dataset: str, seed: int) -> None:
         )
         stages["serving"] = time.perf_counter() - mark
 
+    loop: dict[str, object] | None = None
+    mark = time.perf_counter()
+    if dataset in ("synthetic", "both"):
+        loop = run_feedback_loop(settings, uri, _demo_end_date(settings))
+        stages["feedback loop"] = time.perf_counter() - mark
+    else:  # no simulated line on the NEU images: the labelling-strategy experiment only
+        run_active_learning_experiment(settings)
+        stages["active learning"] = time.perf_counter() - mark
+
     counts = source_db.count_rows(uri, source_db.SOURCE_TABLES)
     click.echo("\n== Apex demo summary ==")
     click.echo(f"source database: {_describe_db(settings)}")
@@ -677,6 +678,12 @@ def demo(scale: str, dataset: str, seed: int) -> None:
             f"bento:       {bento['bento_tag']} (production v{bento['production_version']}, "
             f"shadow v{bento['shadow_version']}); `apex serve --bento {bento['bento_tag']}`"
         )
+    if loop is not None:
+        click.echo(
+            f"line:        {loop['predictions']:,} simulated predictions, {loop['overrides']:,} "
+            f"overrides; last {loop['hours']} h: alerts {loop['alerts'] or 'none'}"
+        )
+        click.echo(f"feedback:    {loop['queue']}; retraining sensor: {loop['sensor']}")
     click.echo(f"mlflow:      {settings.mlflow_tracking_uri}")
     click.echo(
         f"lake:        {(settings.s3_bucket and 's3://' + settings.s3_bucket) or settings.lake_dir}"
@@ -697,6 +704,111 @@ def demo(scale: str, dataset: str, seed: int) -> None:
         click.echo(
             "      `apex demo --dataset neu` curates the real NEU-DET images with their ontology."
         )
+
+
+def run_active_learning_experiment(settings: Settings) -> None:
+    """Materialize ``active_learning_experiment`` and print its table (strategies x labels)."""
+    import dagster as dg
+
+    from apex_assets.definitions import build_definitions
+
+    job = build_definitions(settings).resolve_job_def("active_learning_experiment_job")
+    result = job.execute_in_process(
+        instance=dg.DagsterInstance.get(), run_config=QUIET_LOGS, raise_on_error=False
+    )
+    if not result.success:
+        failed = [e.message for e in result.all_events if e.is_failure]
+        say("active-learning experiment skipped: " + "; ".join(failed[:1]))
+        return
+    for row in _materializations(result):
+        say("labelling strategies on the curated embeddings (linear probe, test split):")
+        for line_text in str(row.get("table", "")).splitlines():
+            if line_text.startswith("|"):
+                say("  " + line_text)
+
+
+def run_feedback_loop(
+    settings: Settings, uri: str, end_date: dt.date, hours: int = 12
+) -> dict[str, object]:
+    """The demo's feedback loop: two weeks of line history (with a latency spike and a burst
+    of critical misses on the last afternoon), the last hours' monitoring with its alerts, the
+    override report, active-learning queue, impact summary and strategy experiment, and one
+    tick of the retraining sensor. Deterministic for the demo's end date (re-runs add nothing).
+    """
+    import dagster as dg
+
+    from apex_assets.defs.automation.retraining import override_retrain_sensor
+    from apex_assets.defs.resources import build_resources
+    from apex_assets.simulator.line import Incident, simulate_line
+
+    end = dt.datetime.combine(end_date, dt.time(), tzinfo=dt.UTC)
+    afternoon = end - dt.timedelta(hours=10)
+    line = simulate_line(
+        uri,
+        end=end,
+        weeks=2,
+        parts_per_hour=10.0,
+        incidents=[
+            Incident(kind="latency", start=afternoon + dt.timedelta(minutes=12), minutes=8),
+            Incident(kind="far", start=afternoon + dt.timedelta(hours=2), minutes=60),
+        ],
+        image_root=settings.image_root,
+    )
+    say(
+        f"line history: {line.predictions:,} predictions, {line.overrides:,} overrides "
+        f"({', '.join(f'{k} {v}' for k, v in line.overrides_by_pattern.items())})"
+    )
+    say(f"monitoring the last {hours} hours of the line:")
+    rows = run_monitoring(settings, end, hours)
+    _print_monitoring(rows)
+    out = run_feedback(settings, end)
+    report = out["override_report"]
+    say(f"override report: {report.get('overrides', 0)} overrides, {report.get('period')}")
+    for line_text in str(report.get("report", "")).splitlines():
+        if line_text.startswith("|"):
+            say("  " + line_text)
+    queue = out["active_learning_queue"]
+    queue_text = (
+        f"{queue.get('chosen', 0)} of {queue.get('candidates', 0)} low-confidence images "
+        f"queued for labelling ({queue.get('strategy')}, ${queue.get('label_cost_usd', 0)})"
+    )
+    say("active learning: " + queue_text)
+    say("impact (manual inspection before vs the model after, per 10k parts):")
+    for line_text in str(out["impact_summary"].get("summary", "")).splitlines():
+        if line_text.startswith("|"):
+            say("  " + line_text)
+    run_active_learning_experiment(settings)
+    tick = override_retrain_sensor(
+        dg.build_sensor_context(
+            instance=dg.DagsterInstance.get(),
+            resources={"source_db": build_resources(settings)["source_db"]},
+        )
+    )
+    if tick.run_requests:
+        request = tick.run_requests[0]
+        sensor = (
+            f"would start retraining_job ({request.tags['apex/trigger']}, "
+            f"{request.tags['apex/overrides']} overrides, "
+            f"{request.tags['apex/critical_misses']} critical misses; run key {request.run_key})"
+        )
+    else:
+        sensor = f"no retraining needed ({tick.skip_reason.skip_message})"
+    say("retraining sensor: " + sensor)
+    # the line's captures reach the lake as the 15-minute CDC would bring them (unlabelled, so
+    # curation leaves them out until an annotator labels them)
+    ingested = run_cdc_once(settings)
+    say(
+        f"ingested the line's captures: {sum(int(r.get('rows_written', 0) or 0) for r in ingested):,} rows"
+    )
+    alerts = sorted({a for r in rows for a in str(r["alerts"]).split(", ") if a})
+    return {
+        "predictions": line.predictions,
+        "overrides": line.overrides,
+        "hours": hours,
+        "alerts": ", ".join(alerts),
+        "queue": queue_text,
+        "sensor": sensor,
+    }
 
 
 @main.command()
@@ -845,13 +957,17 @@ def shadow_report_command() -> None:
     """Compare the shadow model with production on the line's logged requests."""
     import dagster as dg
 
-    from apex_assets.definitions import defs
+    from apex_assets.definitions import build_definitions
 
     settings = load_settings()
     prepare_dagster_home(settings)
     source_uri(settings)
-    result = defs.resolve_job_def("shadow_comparison_job").execute_in_process(
-        instance=dg.DagsterInstance.get(), run_config=QUIET_LOGS, raise_on_error=False
+    result = (
+        build_definitions(settings)
+        .resolve_job_def("shadow_comparison_job")
+        .execute_in_process(
+            instance=dg.DagsterInstance.get(), run_config=QUIET_LOGS, raise_on_error=False
+        )
     )
     if not result.success:
         failed = [e.message for e in result.all_events if e.is_failure]
@@ -872,16 +988,20 @@ def promote(version: str, approved_by: str, reason: str, force: bool) -> None:
     """Promote the shadow model version to production (an explicit, recorded step)."""
     import dagster as dg
 
-    from apex_assets.definitions import defs
+    from apex_assets.definitions import build_definitions
 
     settings = load_settings()
     prepare_dagster_home(settings)
     source_uri(settings)
     config = {"version": version, "approved_by": approved_by, "reason": reason, "force": force}
-    result = defs.resolve_job_def("promotion_job").execute_in_process(
-        instance=dg.DagsterInstance.get(),
-        run_config={**QUIET_LOGS, "ops": {"production_model": {"config": config}}},
-        raise_on_error=False,
+    result = (
+        build_definitions(settings)
+        .resolve_job_def("promotion_job")
+        .execute_in_process(
+            instance=dg.DagsterInstance.get(),
+            run_config={**QUIET_LOGS, "ops": {"production_model": {"config": config}}},
+            raise_on_error=False,
+        )
     )
     if not result.success:
         failed = [e.message for e in result.all_events if e.is_failure]
@@ -891,6 +1011,238 @@ def promote(version: str, approved_by: str, reason: str, force: bool) -> None:
             f"v{row['model_version']} is in production (was {row['previous_version']}), "
             f"bento {row['bento_tag']}; serve it with `apex serve --bento {row['bento_tag']}`"
         )
+
+
+def _parse_time(value: str | None) -> dt.datetime:
+    """An ISO time (UTC when no offset is given); None = now."""
+    if value is None:
+        return dt.datetime.now(dt.UTC)
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"not an ISO date/time: {value!r}") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def _parse_incident(value: str):
+    """``kind@ISO-start+minutes`` -> a line-simulator Incident."""
+    from apex_assets.simulator.line import Incident
+
+    try:
+        kind, rest = value.split("@", 1)
+        start, minutes = rest.rsplit("+", 1)
+        return Incident(kind=kind, start=_parse_time(start), minutes=int(minutes))  # type: ignore[arg-type]
+    except (ValueError, TypeError) as exc:
+        raise click.BadParameter(
+            f"{value!r}: expected kind@START+MINUTES, e.g. latency@2026-12-01T14:00+10"
+        ) from exc
+
+
+@main.command("simulate-line")
+@click.option("--weeks", type=int, default=4, show_default=True, help="Weeks of line history.")
+@click.option("--end", default=None, help="End of the history (ISO time; default now).")
+@click.option("--parts-per-hour", type=float, default=30.0, show_default=True, help="Per line.")
+@click.option(
+    "--override-scale",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Multiplies the seed's weekly override patterns (34 FAIL->PASS, 8 PASS->FAIL, ...).",
+)
+@click.option("--model-version", default="1", show_default=True)
+@click.option(
+    "--incident",
+    "incidents",
+    multiple=True,
+    help="kind@START+MINUTES with kind latency|confidence|far (repeatable).",
+)
+@click.option("--seed", type=int, default=7, show_default=True)
+def simulate_line_command(
+    weeks: int,
+    end: str | None,
+    parts_per_hour: float,
+    override_scale: float,
+    model_version: str,
+    incidents: tuple[str, ...],
+    seed: int,
+) -> None:
+    """Write weeks of production predictions and inspector overrides (needs `apex simulate`)."""
+    from apex_assets.simulator.line import simulate_line
+
+    settings = load_settings()
+    uri = source_uri(settings)
+    summary = simulate_line(
+        uri,
+        end=_parse_time(end),
+        weeks=weeks,
+        seed=seed,
+        model_version=model_version,
+        parts_per_hour=parts_per_hour,
+        override_scale=override_scale,
+        incidents=[_parse_incident(i) for i in incidents],
+        image_root=settings.image_root,
+    )
+    say(
+        f"line {summary.start:%Y-%m-%d %H:%M} .. {summary.end:%Y-%m-%d %H:%M}: "
+        f"{summary.predictions:,} predictions, {summary.overrides:,} overrides "
+        f"({summary.inserted:,} rows new)"
+    )
+    for pattern, count in summary.overrides_by_pattern.items():
+        say(f"  {pattern:32s} {count:>6,}")
+
+
+def run_monitoring(settings: Settings, end: dt.datetime, hours: int) -> list[dict[str, object]]:
+    """Materialize ``monitoring_metrics`` for the ``hours`` hourly partitions before ``end``."""
+    import dagster as dg
+
+    from apex_assets.definitions import build_definitions
+    from apex_assets.defs.monitoring.assets import hourly_partitions
+
+    prepare_dagster_home(settings)
+    keys = hourly_partitions.get_partition_keys(current_time=end)[-hours:]
+    job = build_definitions(settings).resolve_job_def("monitoring_job")
+    instance = dg.DagsterInstance.get()
+    rows = []
+    for key in keys:
+        result = job.execute_in_process(
+            instance=instance, partition_key=key, run_config=QUIET_LOGS, raise_on_error=False
+        )
+        row: dict[str, object] = {"hour": key}
+        for mat in _materializations(result):
+            row.update(mat)
+        row["alerts"] = ", ".join(c["check"] for c in _check_rows(result) if not c["passed"])
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: object, pct: bool = False) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    return f"{100 * value:.2f}%" if pct else f"{value:,.1f}"
+
+
+def _print_monitoring(rows: list[dict[str, object]]) -> None:
+    say(
+        f"  {'hour':17s} {'parts':>6s} {'FRR':>7s} {'FAR':>7s} {'P99 ms':>7s} "
+        f"{'overr.':>7s} {'conf':>6s}  alerts"
+    )
+    for r in rows:
+        conf = r.get("mean_confidence")
+        say(
+            f"  {r['hour']!s:17s} {int(r.get('parts', 0) or 0):>6,} "
+            f"{_fmt(r.get('frr'), True):>7s} {_fmt(r.get('far'), True):>7s} "
+            f"{_fmt(r.get('latency_p99_ms')):>7s} {_fmt(r.get('override_rate'), True):>7s} "
+            f"{(f'{conf:.3f}' if isinstance(conf, float) else '-'):>6s}  {r['alerts'] or '-'}"
+        )
+
+
+@main.command()
+@click.option("--hours", type=int, default=24, show_default=True, help="Hours to materialize.")
+@click.option("--end", default=None, help="End of the last hour (ISO time; default now).")
+def monitor(hours: int, end: str | None) -> None:
+    """Materialize monitoring_metrics for the last hours and print the line's health."""
+    settings = load_settings()
+    source_uri(settings)
+    rows = run_monitoring(settings, _parse_time(end), hours)
+    _print_monitoring(rows)
+
+
+def run_feedback(settings: Settings, end: dt.datetime) -> dict[str, dict[str, object]]:
+    """Run the feedback job (override report, active-learning queue, impact summary)."""
+    import dagster as dg
+
+    from apex_assets.definitions import build_definitions
+
+    prepare_dagster_home(settings)
+    window = {"config": {"end": end.isoformat()}}
+    result = (
+        build_definitions(settings)
+        .resolve_job_def("feedback_job")
+        .execute_in_process(
+            instance=dg.DagsterInstance.get(),
+            run_config={
+                **QUIET_LOGS,
+                "ops": {
+                    k: window
+                    for k in ("override_report", "active_learning_queue", "impact_summary")
+                },
+            },
+            raise_on_error=False,
+        )
+    )
+    if not result.success:
+        failed = [e.message for e in result.all_events if e.is_failure]
+        raise click.ClickException("feedback job failed: " + "; ".join(failed[:2]))
+    return {str(row["asset"]): row for row in _materializations(result)}
+
+
+@main.command()
+@click.option("--end", default=None, help="End of the reported period (ISO time; default now).")
+def feedback(end: str | None) -> None:
+    """Override report, active-learning queue and impact summary, printed."""
+    settings = load_settings()
+    source_uri(settings)
+    out = run_feedback(settings, _parse_time(end))
+    click.echo(str(out["override_report"].get("report", "")))
+    queue = out["active_learning_queue"]
+    click.echo(
+        f"\nactive-learning queue: {queue.get('chosen', 0)} of {queue.get('candidates', 0)} "
+        f"candidates ({queue.get('strategy')}), label cost ${queue.get('label_cost_usd', 0)}"
+    )
+    click.echo(str(out["impact_summary"].get("summary", "")))
+
+
+@main.group("auto-pass")
+def auto_pass() -> None:
+    """Whether the model may pass parts on its own (a FAR alert pauses it)."""
+
+
+@auto_pass.command("status")
+def auto_pass_status() -> None:
+    """Print whether auto-pass is paused, since when, by whom and why."""
+    from apex_assets.lib.serving_controls import AUTO_PASS_PAUSED, read_control
+
+    state = read_control(source_uri(load_settings()), AUTO_PASS_PAUSED)
+    if state is None or not state.enabled:
+        click.echo(
+            "auto-pass is ACTIVE"
+            + (
+                f" (resumed by {state.set_by} at {state.set_at:%Y-%m-%d %H:%M} UTC: {state.reason})"
+                if state
+                else ""
+            )
+        )
+    else:
+        click.echo(
+            f"auto-pass is PAUSED since {state.set_at:%Y-%m-%d %H:%M} UTC by {state.set_by}: "
+            f"{state.reason}"
+        )
+
+
+def _set_auto_pass(paused: bool, by: str, reason: str) -> None:
+    from apex_assets.lib.serving_controls import AUTO_PASS_PAUSED, set_control
+
+    set_control(source_uri(load_settings()), AUTO_PASS_PAUSED, paused, reason=reason, set_by=by)
+    click.echo(
+        f"auto-pass {'PAUSED' if paused else 'resumed'} by {by}; serving applies it within "
+        f"{load_settings().serving_refresh_s:.0f} s"
+    )
+
+
+@auto_pass.command("resume")
+@click.option("--by", required=True, help="Who resumes it (recorded).")
+@click.option("--reason", required=True, help="Why it is safe again (recorded).")
+def auto_pass_resume(by: str, reason: str) -> None:
+    """Let the model pass parts on its own again."""
+    _set_auto_pass(False, by, reason)
+
+
+@auto_pass.command("pause")
+@click.option("--by", required=True, help="Who pauses it (recorded).")
+@click.option("--reason", required=True, help="Why (recorded).")
+def auto_pass_pause(by: str, reason: str) -> None:
+    """Send every PASS to human review until resumed."""
+    _set_auto_pass(True, by, reason)
 
 
 @main.command()

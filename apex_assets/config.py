@@ -133,6 +133,13 @@ def _env_range(name: str, default: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = (_env(name, default) or default).lower()
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def _env_archs(name: str, default: str) -> tuple[tuple[str, int], ...]:
     """``arch@size,arch@size``: timm architecture names with their square input size."""
     raw = _env(name, default) or default
@@ -508,6 +515,12 @@ class Settings:
             "doc": "Serving: adaptive batching latency budget; later requests get 503",
         }
     )
+    serving_refresh_s: float = field(
+        metadata={
+            "env": "APEX_SERVING_REFRESH_S",
+            "doc": "Serving: seconds between reads of the camera registry and serving controls",
+        }
+    )
     api_key: str | None = field(
         metadata={
             "env": "APEX_API_KEY",
@@ -551,6 +564,132 @@ class Settings:
         metadata={
             "env": "APEX_SHADOW_MIN_AGREEMENT",
             "doc": "Promotion: least shadow/production decision agreement",
+        }
+    )
+
+    # --- monitoring, alerts and the feedback loop (issue 6) --------------------------------
+    retrain_override_threshold: int = field(
+        metadata={
+            "env": "APEX_RETRAIN_OVERRIDE_THRESHOLD",
+            "doc": "Retraining sensor: inspector overrides since the last trained model",
+        }
+    )
+    retrain_critical_miss_threshold: int = field(
+        metadata={
+            "env": "APEX_RETRAIN_CRITICAL_MISS_THRESHOLD",
+            "doc": "Retraining sensor: critical misses (model PASS, inspector FAIL) since then",
+        }
+    )
+    monitoring_start_date: dt.date = field(
+        metadata={
+            "env": "APEX_MONITORING_START_DATE",
+            "doc": "First hourly partition of monitoring_metrics",
+        }
+    )
+    alert_max_far: float = field(
+        metadata={
+            "env": "APEX_ALERT_MAX_FAR",
+            "doc": "Alert (critical, pauses auto-pass): hourly false-accept rate above it",
+        }
+    )
+    alert_max_latency_p99_ms: float = field(
+        metadata={
+            "env": "APEX_ALERT_MAX_LATENCY_P99_MS",
+            "doc": "Alert (high): per-minute inference P99 above it, ms",
+        }
+    )
+    alert_latency_minutes: int = field(
+        metadata={
+            "env": "APEX_ALERT_LATENCY_MINUTES",
+            "doc": "Alert (high): consecutive minutes over the latency limit",
+        }
+    )
+    alert_min_confidence: float = field(
+        metadata={
+            "env": "APEX_ALERT_MIN_CONFIDENCE",
+            "doc": "Alert (warning, starts the investigation job): daily mean confidence below it",
+        }
+    )
+    alert_webhook_url: str | None = field(
+        metadata={
+            "env": "APEX_ALERT_WEBHOOK_URL",
+            "doc": "Alerts: JSON POST to this URL; unset = log only",
+        }
+    )
+    alert_slack_webhook_url: str | None = field(
+        metadata={
+            "env": "APEX_ALERT_SLACK_WEBHOOK_URL",
+            "doc": "Alerts: Slack incoming-webhook URL; unset = no Slack",
+        }
+    )
+    alert_email_to: tuple[str, ...] | None = field(
+        metadata={
+            "env": "APEX_ALERT_EMAIL_TO",
+            "doc": "Alerts: e-mail addresses, comma separated; unset = no e-mail",
+        }
+    )
+    alert_email_from: str = field(
+        metadata={"env": "APEX_ALERT_EMAIL_FROM", "doc": "Alerts: sender address of e-mails"}
+    )
+    smtp_host: str | None = field(
+        metadata={"env": "APEX_SMTP_HOST", "doc": "Alerts: SMTP server of e-mails"}
+    )
+    smtp_port: int = field(metadata={"env": "APEX_SMTP_PORT", "doc": "Alerts: SMTP port"})
+    active_learning_budget: int = field(
+        metadata={
+            "env": "APEX_ACTIVE_LEARNING_BUDGET",
+            "doc": "Active learning: images chosen for labelling per queue",
+        }
+    )
+    active_learning_strategy: str = field(
+        metadata={
+            "env": "APEX_ACTIVE_LEARNING_STRATEGY",
+            "doc": "Active learning: uncertainty or diversity (k-center greedy + uncertainty)",
+        }
+    )
+    active_learning_window_days: int = field(
+        metadata={
+            "env": "APEX_ACTIVE_LEARNING_WINDOW_DAYS",
+            "doc": "Active learning: days of recent predictions the queue chooses from",
+        }
+    )
+    active_learning_max_confidence: float = field(
+        metadata={
+            "env": "APEX_ACTIVE_LEARNING_MAX_CONFIDENCE",
+            "doc": "Active learning: only predictions below this confidence are candidates",
+        }
+    )
+    override_report_weeks: int = field(
+        metadata={"env": "APEX_OVERRIDE_REPORT_WEEKS", "doc": "override_report: weeks it covers"}
+    )
+    impact_window_days: int = field(
+        metadata={
+            "env": "APEX_IMPACT_WINDOW_DAYS",
+            "doc": "impact_summary: days of model inspection compared with manual inspection",
+        }
+    )
+    label_cost: float = field(
+        metadata={"env": "APEX_LABEL_COST", "doc": "Active learning: cost of one label, $"}
+    )
+    cost_inspector_hour: float = field(
+        metadata={"env": "APEX_COST_INSPECTOR_HOUR", "doc": "Impact: inspector labour, $/hour"}
+    )
+    manual_seconds_per_part: float = field(
+        metadata={
+            "env": "APEX_MANUAL_SECONDS_PER_PART",
+            "doc": "Impact: an inspector's time per part inspected by hand, seconds",
+        }
+    )
+    cost_false_reject: float = field(
+        metadata={
+            "env": "APEX_COST_FALSE_REJECT",
+            "doc": "Impact: cost of a good part rejected (scrap or rework), $",
+        }
+    )
+    cost_escape: float = field(
+        metadata={
+            "env": "APEX_COST_ESCAPE",
+            "doc": "Impact: cost of a defective part passed to the customer, $",
         }
     )
 
@@ -667,6 +806,7 @@ def load_settings() -> Settings:
         serving_threads=_env_int("APEX_SERVING_THREADS", 1),
         serving_max_batch_size=_env_int("APEX_SERVING_MAX_BATCH_SIZE", 16),
         serving_max_latency_ms=_env_int("APEX_SERVING_MAX_LATENCY_MS", 150),
+        serving_refresh_s=_env_float("APEX_SERVING_REFRESH_S", 60.0),
         api_key=_env("APEX_API_KEY"),
         max_request_bytes=_env_int("APEX_MAX_REQUEST_BYTES", 10 * 1024 * 1024),
         max_image_pixels=_env_int("APEX_MAX_IMAGE_PIXELS", 50_000_000),
@@ -680,6 +820,32 @@ def load_settings() -> Settings:
         bentoml_home=Path(_env("BENTOML_HOME", str(home / "bentoml")) or "").resolve(),
         shadow_min_requests=_env_int("APEX_SHADOW_MIN_REQUESTS", 500),
         shadow_min_agreement=_env_float("APEX_SHADOW_MIN_AGREEMENT", 0.95),
+        retrain_override_threshold=_env_int("APEX_RETRAIN_OVERRIDE_THRESHOLD", 500),
+        retrain_critical_miss_threshold=_env_int("APEX_RETRAIN_CRITICAL_MISS_THRESHOLD", 10),
+        monitoring_start_date=_env_date("APEX_MONITORING_START_DATE", "2026-01-01"),
+        alert_max_far=_env_float("APEX_ALERT_MAX_FAR", 0.01),
+        alert_max_latency_p99_ms=_env_float("APEX_ALERT_MAX_LATENCY_P99_MS", 200.0),
+        alert_latency_minutes=_env_int("APEX_ALERT_LATENCY_MINUTES", 5),
+        alert_min_confidence=_env_float("APEX_ALERT_MIN_CONFIDENCE", 0.85),
+        alert_webhook_url=_env("APEX_ALERT_WEBHOOK_URL"),
+        alert_slack_webhook_url=_env("APEX_ALERT_SLACK_WEBHOOK_URL"),
+        alert_email_to=_env_list("APEX_ALERT_EMAIL_TO"),
+        alert_email_from=_env("APEX_ALERT_EMAIL_FROM", "apex-alerts@localhost") or "",
+        smtp_host=_env("APEX_SMTP_HOST"),
+        smtp_port=_env_int("APEX_SMTP_PORT", 25),
+        active_learning_budget=_env_int("APEX_ACTIVE_LEARNING_BUDGET", 200),
+        active_learning_strategy=_env_choice(
+            "APEX_ACTIVE_LEARNING_STRATEGY", "diversity", ("uncertainty", "diversity")
+        ),
+        active_learning_window_days=_env_int("APEX_ACTIVE_LEARNING_WINDOW_DAYS", 7),
+        active_learning_max_confidence=_env_float("APEX_ACTIVE_LEARNING_MAX_CONFIDENCE", 0.95),
+        override_report_weeks=_env_int("APEX_OVERRIDE_REPORT_WEEKS", 8),
+        impact_window_days=_env_int("APEX_IMPACT_WINDOW_DAYS", 28),
+        label_cost=_env_float("APEX_LABEL_COST", 2.0),
+        cost_inspector_hour=_env_float("APEX_COST_INSPECTOR_HOUR", 35.0),
+        manual_seconds_per_part=_env_float("APEX_MANUAL_SECONDS_PER_PART", 12.0),
+        cost_false_reject=_env_float("APEX_COST_FALSE_REJECT", 15.0),
+        cost_escape=_env_float("APEX_COST_ESCAPE", 500.0),
     )
 
 

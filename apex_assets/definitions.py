@@ -2,10 +2,25 @@
 
 import dagster as dg
 
+from apex_assets.config import Settings
 from apex_assets.defs.automation.cdc import (
     cdc_ingestion_job,
     cdc_ingestion_schedule,
     delete_reconciliation_schedule,
+)
+from apex_assets.defs.automation.monitoring import (
+    active_learning_experiment_job,
+    daily_feedback_schedule,
+    feedback_job,
+    investigation_job,
+    low_confidence_investigation_sensor,
+    monitoring_job,
+    monitoring_schedule,
+)
+from apex_assets.defs.automation.retraining import (
+    override_retrain_sensor,
+    retraining_job,
+    weekly_training_schedule,
 )
 from apex_assets.defs.curation.assets import curation_assets
 from apex_assets.defs.curation.checks import curation_checks
@@ -15,6 +30,7 @@ from apex_assets.defs.deployment.onnx import deployment_onnx_assets, deployment_
 from apex_assets.defs.evaluation.assets import evaluation_assets, evaluation_checks
 from apex_assets.defs.features.assets import feature_assets
 from apex_assets.defs.ingestion.assets import ingestion_assets
+from apex_assets.defs.monitoring.assets import monitoring_assets
 from apex_assets.defs.resources import build_resources
 from apex_assets.defs.training.assets import training_assets
 
@@ -59,27 +75,51 @@ architecture_comparison_job = dg.define_asset_job(
     description="Train and score every architecture of APEX_COMPARE_ARCHS on the same splits.",
 )
 
-defs = dg.Definitions(
-    assets=[
-        *ingestion_assets,
-        *curation_assets,
-        *feature_assets,
-        *training_assets,
-        *evaluation_assets,
-        *deployment_assets,
-        *deployment_onnx_assets,
-        *bento_assets,
-    ],
-    asset_checks=[*curation_checks, *evaluation_checks, *deployment_onnx_checks],
-    jobs=[
-        cdc_ingestion_job,
-        curation_job,
-        embeddings_job,
-        training_job,
-        architecture_comparison_job,
-        shadow_comparison_job,
-        promotion_job,
-    ],
-    schedules=[cdc_ingestion_schedule, delete_reconciliation_schedule],
-    resources=build_resources(),
-)
+
+def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+    """The Definitions with resources for ``settings`` (default: the environment now).
+
+    ``defs`` below is what ``dagster dev`` loads; the CLI builds its own after it has set up
+    the environment (demo homes, embedded servers), so in-process runs never use resources
+    resolved from an environment of earlier.
+    """
+    return dg.Definitions(
+        assets=[
+            *ingestion_assets,
+            *curation_assets,
+            *feature_assets,
+            *training_assets,
+            *evaluation_assets,
+            *deployment_assets,
+            *deployment_onnx_assets,
+            *bento_assets,
+            *monitoring_assets,
+        ],
+        asset_checks=[*curation_checks, *evaluation_checks, *deployment_onnx_checks],
+        jobs=[
+            cdc_ingestion_job,
+            curation_job,
+            embeddings_job,
+            training_job,
+            architecture_comparison_job,
+            shadow_comparison_job,
+            promotion_job,
+            retraining_job,
+            monitoring_job,
+            feedback_job,
+            investigation_job,
+            active_learning_experiment_job,
+        ],
+        schedules=[
+            cdc_ingestion_schedule,
+            delete_reconciliation_schedule,
+            weekly_training_schedule,
+            monitoring_schedule,
+            daily_feedback_schedule,
+        ],
+        sensors=[override_retrain_sensor, low_confidence_investigation_sensor],
+        resources=build_resources(settings),
+    )
+
+
+defs = build_definitions()

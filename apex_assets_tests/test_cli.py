@@ -93,6 +93,15 @@ def test_demo_end_to_end_then_rerun_is_a_no_op(tmp_path, neu_det_dir):
         served,
     )
     assert answered and int(answered.group(1)) >= 20, served
+    # the feedback loop: two weeks of line history whose incidents fire the FAR and latency
+    # alerts, the reports, and the retraining sensor asking for a run (critical misses)
+    line = next(x for x in out.splitlines() if x.startswith("line:"))
+    assert "false_accept_rate" in line and "latency_p99" in line, line
+    feedback = next(x for x in out.splitlines() if x.startswith("feedback:"))
+    assert "queued for labelling" in feedback, feedback
+    assert "would start retraining_job (override_sensor:critical_misses" in feedback, feedback
+    assert "| FAIL->PASS | false_reject |" in out
+    assert "labelling strategies on the curated embeddings" in out
 
     report = _apex("shadow-report", env=env).stdout
     assert "promotion: NOT YET" in report

@@ -40,6 +40,7 @@ def test_assets_schedule_and_job():
         "defect_annotations",
         "inspection_results",
         "image_embeddings",
+        "monitoring_metrics",
     }
     for key in INGESTION:
         assert graph.get(dg.AssetKey(key)).group_name == "ingestion"

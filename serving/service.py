@@ -60,7 +60,6 @@ log = logging.getLogger("apex.serving")
 ROUTE = "/api/v1/ml/predict/visual-inspection"
 #: Latency buckets (seconds) dense around the line's 200 ms P99 objective.
 SLO_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.5, 1.0, 2.5)
-CAMERA_REFRESH_S = 60.0
 #: Room for multipart boundaries and the id fields around an image of the byte limit.
 _MULTIPART_OVERHEAD = 64 * 1024
 
@@ -84,7 +83,7 @@ class _Metrics:
     """Prometheus metrics, created in the worker (after BentoML set the multiprocess dir)."""
 
     def __init__(self) -> None:
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         self.latency = Histogram(
             "apex_request_latency_seconds",
@@ -108,6 +107,11 @@ class _Metrics:
         )
         self.shadow_shed = Counter(
             "apex_shadow_shed_total", "Shadow evaluations dropped under load"
+        )
+        self.auto_pass_paused = Gauge(
+            "apex_auto_pass_paused",
+            "1 while monitoring has paused auto-pass (every PASS goes to human review)",
+            multiprocess_mode="max",
         )
 
 
@@ -276,11 +280,11 @@ class VisualInspection:
         self._cameras: frozenset[str] | None = (
             frozenset(settings.serving_cameras) if settings.serving_cameras else None
         )
-        self._cameras_loaded_at = 0.0
+        self._registry_loaded_at = 0.0
         self._db_uri: str | None = None
         self._logger = None
         self._start_logger()
-        self._refresh_cameras()
+        self._refresh_registry()
         self._background: set[asyncio.Task] = set()
 
     # -- infrastructure -------------------------------------------------------------------
@@ -303,29 +307,42 @@ class VisualInspection:
         self._logger = PredictionLogger(uri, self.settings.prediction_spool_dir)
         self._logger.start()
 
-    def _refresh_cameras(self) -> None:
-        """Registered cameras from ``inspection.camera_calibration`` (unless configured)."""
-        if self.settings.serving_cameras:
-            return
+    def _refresh_registry(self) -> None:
+        """Cameras from ``inspection.camera_calibration`` (unless configured) and the operator
+        switch ``auto_pass_paused`` of ``inspection.serving_controls`` (set by a FAR alert).
+
+        A failed read keeps the last known state: the line keeps running on what it knew.
+        """
         import psycopg
 
+        from apex_assets.lib.serving_controls import auto_pass_paused
+
         try:
-            with psycopg.connect(self._source_uri(), connect_timeout=2) as conn:
-                rows = conn.execute(
-                    "SELECT DISTINCT camera_id FROM inspection.camera_calibration"
-                ).fetchall()
-            self._cameras = frozenset(r[0] for r in rows if r[0])
-            self._cameras_loaded_at = time.monotonic()
+            if not self.settings.serving_cameras:
+                with psycopg.connect(self._source_uri(), connect_timeout=2) as conn:
+                    rows = conn.execute(
+                        "SELECT DISTINCT camera_id FROM inspection.camera_calibration"
+                    ).fetchall()
+                self._cameras = frozenset(r[0] for r in rows if r[0])
+            paused = auto_pass_paused(self._source_uri())
+            self._registry_loaded_at = time.monotonic()
         except Exception as exc:
-            log.warning("cannot read the camera registry (%s); keeping the last list", exc)
+            log.warning("cannot read the camera registry/controls (%s); keeping the last", exc)
+            return
+        if (paused is not None) != self.predictor.auto_pass_paused:
+            log.warning(
+                "auto-pass %s",
+                f"PAUSED by {paused.set_by}: every PASS goes to human review ({paused.reason})"
+                if paused
+                else "resumed",
+            )
+        self.predictor.auto_pass_paused = paused is not None
+        self.metrics.auto_pass_paused.set(1 if paused else 0)
 
     def _known_cameras(self) -> frozenset[str]:
-        if (
-            not self.settings.serving_cameras
-            and time.monotonic() - self._cameras_loaded_at > CAMERA_REFRESH_S
-        ):
-            threading.Thread(target=self._refresh_cameras, daemon=True).start()
-            self._cameras_loaded_at = time.monotonic()  # one refresh at a time
+        if time.monotonic() - self._registry_loaded_at > self.settings.serving_refresh_s:
+            threading.Thread(target=self._refresh_registry, daemon=True).start()
+            self._registry_loaded_at = time.monotonic()  # one refresh at a time
         if self._cameras is None:
             raise RequestError(
                 503, "camera_registry_unavailable", "the camera registry is not loaded yet"

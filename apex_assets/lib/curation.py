@@ -58,15 +58,29 @@ def _require(frame: pl.DataFrame, name: str, columns: list[str]) -> None:
         )
 
 
+#: ``image_metadata.source`` of the production line's own captures (serving's images).
+LINE_SOURCE = "line"
+
+
 def select_sources(
     images: pl.DataFrame, annotations: pl.DataFrame, sources: tuple[str, ...] | None
 ) -> tuple[pl.DataFrame, pl.DataFrame, int]:
     """Keep the images of the given ``image_metadata.source`` values (None = all) and their
     annotations; annotations whose image does not exist at all are kept so that
-    :func:`standardize_labels` reports them. Returns (images, annotations, images left out)."""
-    if sources is None or "source" not in images.columns:
+    :func:`standardize_labels` reports them. Returns (images, annotations, images left out).
+
+    Line captures (source ``line``) enter only once an annotator labelled them (the
+    active-learning queue sends them to labelling): an unlabelled capture is not a good part,
+    it is an unknown one, and must not become a NO_DEFECT training image.
+    """
+    if "source" not in images.columns:
         return images, annotations, 0
-    chosen = images.filter(pl.col("source").is_in(list(sources)))
+    chosen = images if sources is None else images.filter(pl.col("source").is_in(list(sources)))
+    chosen = chosen.filter(
+        (pl.col("source") != LINE_SOURCE)
+        | pl.col("source").is_null()
+        | pl.col("image_id").is_in(annotations.get_column("image_id").implode())
+    )
     others = images.join(chosen.select("image_id"), on="image_id", how="anti").select("image_id")
     kept = annotations.join(others, on="image_id", how="anti")
     return chosen, kept, others.height

@@ -138,6 +138,29 @@ def extract_embeddings(
     )
 
 
+def embed_image_paths(
+    image_root: Path,
+    image_paths: Sequence[str],
+    *,
+    arch: str,
+    preprocess: PreprocessConfig,
+    weights: Path | str | None,
+    batch_size: int,
+    workers: int,
+    threads: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> EmbeddingResult:
+    """Embed images named by their database paths (relative to ``image_root``) with one
+    extractor: the image_embeddings asset and the active-learning queue share this, so both
+    produce vectors of the same fingerprint."""
+    from apex_assets.lib.datasets import InspectionImageDataset, make_loader
+
+    model = create_feature_extractor(arch, in_chans=preprocess.channels, pretrained_path=weights)
+    dataset = InspectionImageDataset(image_root, list(image_paths), None, preprocess)
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    return extract_embeddings(model, loader, threads=threads, progress=progress)
+
+
 # --------------------------------------------------------------------------- storage
 
 
@@ -295,6 +318,48 @@ class ProbeResult:
     epochs: int
 
 
+@dataclass(frozen=True, eq=False)
+class LinearProbe:
+    """A fitted multinomial logistic regression on standardized features.
+
+    Why a separate object (not just an accuracy): active learning needs the probe's class
+    probabilities on the *unlabelled* pool to choose what to label next, and the experiment
+    refits it at every budget. Plain NumPy arrays, so predicting needs no torch and the probe
+    pickles small. ``eq=False``: arrays do not compare with ``==``; compare the fields.
+    """
+
+    classes: tuple[str, ...]
+    mean: np.ndarray  # float64 [d], train mean
+    std: np.ndarray  # float64 [d], train std (1 where a feature is constant)
+    weight: np.ndarray  # float32 [d, k]
+    bias: np.ndarray  # float32 [k]
+    epochs: int
+    train_images: int
+
+    def standardize(self, x: np.ndarray) -> np.ndarray:
+        """``x`` in the probe's standardized feature space (float32), as in training."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != len(self.mean):
+            raise ValueError(f"x must be [n, {len(self.mean)}], got shape {x.shape}")
+        return ((x - self.mean) / self.std).astype(np.float32)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Float32 ``[n, k]`` class scores."""
+        return self.standardize(x) @ self.weight + self.bias
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Float64 ``[n, k]`` softmax probabilities (rows sum to 1), columns in ``classes``."""
+        z = self.logits(x).astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+        return z
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Int64 ``[n]`` index of the top class (ties -> lowest index)."""
+        return self.logits(x).argmax(axis=1).astype(np.int64)
+
+
 def _check_xy(x: np.ndarray, y: np.ndarray, k: int, name: str) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y)
@@ -311,26 +376,7 @@ def _check_xy(x: np.ndarray, y: np.ndarray, k: int, name: str) -> tuple[np.ndarr
     return x, y.astype(np.int64)
 
 
-def linear_probe(
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    eval_x: np.ndarray,
-    eval_y: np.ndarray,
-    classes: Sequence[str],
-    *,
-    epochs: int = 300,
-    lr: float = 0.05,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
-    threads: int = 1,
-) -> ProbeResult:
-    """Multinomial logistic regression on standardized features; accuracy on ``eval``.
-
-    Features are standardized with the *train* mean/std (a constant feature gets std 1, so it
-    becomes 0 instead of NaN). The model is trained full-batch with Adam for ``epochs`` steps
-    on the cross-entropy plus ``weight_decay / 2 * ||W||^2`` (the bias is not penalised).
-    Initial weights come from ``seed``; with one thread the result is bit-for-bit repeatable.
-    """
+def _check_probe_args(classes: Sequence[str], epochs: int) -> int:
     k = len(classes)
     if k < 2:
         raise ValueError(f"a probe needs at least 2 classes, got {k}")
@@ -338,15 +384,34 @@ def linear_probe(
         raise ValueError(f"class names must be unique, got {list(classes)}")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    return k
+
+
+def fit_linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    classes: Sequence[str],
+    *,
+    epochs: int = 300,
+    lr: float = 0.05,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    threads: int = 1,
+) -> LinearProbe:
+    """Multinomial logistic regression on standardized features.
+
+    Features are standardized with the *train* mean/std (a constant feature gets std 1, so it
+    becomes 0 instead of NaN). The model is trained full-batch with Adam for ``epochs`` steps
+    on the cross-entropy plus ``weight_decay / 2 * ||W||^2`` (the bias is not penalised).
+    Initial weights come from ``seed``; with one thread the result is bit-for-bit repeatable.
+    A class without training images is allowed (it is then rarely predicted).
+    """
+    k = _check_probe_args(classes, epochs)
     train_x, train_y = _check_xy(train_x, train_y, k, "train")
-    eval_x, eval_y = _check_xy(eval_x, eval_y, k, "eval")
-    if train_x.shape[1] != eval_x.shape[1]:
-        raise ValueError(f"train has {train_x.shape[1]} features but eval has {eval_x.shape[1]}")
     mean = train_x.mean(axis=0, dtype=np.float64)
     std = train_x.std(axis=0, dtype=np.float64)
     std[std < 1e-12] = 1.0
     xs = torch.from_numpy(((train_x - mean) / std).astype(np.float32))
-    xe = torch.from_numpy(((eval_x - mean) / std).astype(np.float32))
     ys = torch.from_numpy(train_y)
 
     previous_threads = torch.get_num_threads()
@@ -364,12 +429,50 @@ def linear_probe(
                 loss = loss + 0.5 * weight_decay * weight.pow(2).sum()
             loss.backward()
             optimizer.step()
-        with torch.no_grad():
-            predicted = (xe @ weight + bias).argmax(dim=1).numpy()
     finally:
         set_threads(previous_threads)
+    return LinearProbe(
+        classes=tuple(str(c) for c in classes),
+        mean=mean,
+        std=std,
+        weight=weight.detach().numpy().copy(),
+        bias=bias.detach().numpy().copy(),
+        epochs=epochs,
+        train_images=len(train_x),
+    )
 
-    correct = predicted == eval_y
+
+def linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    eval_x: np.ndarray,
+    eval_y: np.ndarray,
+    classes: Sequence[str],
+    *,
+    epochs: int = 300,
+    lr: float = 0.05,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    threads: int = 1,
+) -> ProbeResult:
+    """Accuracy and per-class recall on ``eval`` of :func:`fit_linear_probe` fitted on
+    ``train`` (same arguments, same training)."""
+    k = _check_probe_args(classes, epochs)
+    train_x, train_y = _check_xy(train_x, train_y, k, "train")
+    eval_x, eval_y = _check_xy(eval_x, eval_y, k, "eval")
+    if train_x.shape[1] != eval_x.shape[1]:
+        raise ValueError(f"train has {train_x.shape[1]} features but eval has {eval_x.shape[1]}")
+    probe = fit_linear_probe(
+        train_x,
+        train_y,
+        classes,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        threads=threads,
+    )
+    correct = probe.predict(eval_x) == eval_y
     recall: dict[str, float] = {}
     for c, name in enumerate(classes):
         mask = eval_y == c

@@ -19,6 +19,10 @@ A request goes through three steps:
 
 Before any model is promoted there is no production model: every part then goes to human
 review (the plant's status quo) and the shadow (candidate) model is only logged.
+
+While auto-pass is paused (``Predictor.auto_pass_paused``, set by monitoring's false-accept
+alert in ``inspection.serving_controls``), the model may still reject parts but never passes one
+on its own: a PASS becomes HUMAN_REVIEW with ``review_reason`` ``auto_pass_paused``.
 """
 
 from __future__ import annotations
@@ -41,10 +45,12 @@ from apex_assets.lib.preprocess import preprocess_image
 from apex_assets.lib.serving_model import InspectionModel, cam_localizer
 from apex_assets.lib.serving_request import decode_upload, validate_camera_id, validate_image_id
 
-__all__ = ["NO_MODEL_VERSION", "Predictor", "Prepared", "ServingConfig"]
+__all__ = ["AUTO_PASS_PAUSED_REASON", "NO_MODEL_VERSION", "Predictor", "Prepared", "ServingConfig"]
 
 #: model_version of the answers given while no model is in production (all to human review).
 NO_MODEL_VERSION = "none"
+#: review_reason of a PASS sent to a person because monitoring paused auto-pass.
+AUTO_PASS_PAUSED_REASON = "auto_pass_paused"
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,8 @@ class Predictor:
     shadow: InspectionModel | None
     config: ServingConfig
     ontologies: dict[str, Ontology] = field(default_factory=dict)
+    #: set by the service from ``inspection.serving_controls`` (refreshed every minute)
+    auto_pass_paused: bool = False
 
     def __post_init__(self) -> None:
         if self.production is None and self.shadow is None:
@@ -187,6 +195,13 @@ class Predictor:
         else:
             decision = self._decide(prepared, model, output)
             version = model.version
+            if self.auto_pass_paused and decision["prediction"] == "PASS":
+                decision = {
+                    **decision,
+                    "prediction": "HUMAN_REVIEW",
+                    "recommended_action": "HUMAN_REVIEW",
+                    "review_reason": AUTO_PASS_PAUSED_REASON,
+                }
         elapsed = (time.perf_counter() - prepared.started) * 1000.0
         body = self._body(prepared, decision, version, elapsed)
         review = self._keep_for_review(prepared) if body["prediction"] == "HUMAN_REVIEW" else None
@@ -239,6 +254,7 @@ class Predictor:
             "timestamp": prepared.received_at.isoformat(),
             "request_id": str(prepared.request_id),
             "top_class": decision["top_class"],
+            **({"review_reason": decision["review_reason"]} if "review_reason" in decision else {}),
         }
 
     def _record(

@@ -166,6 +166,32 @@ CREATE TABLE IF NOT EXISTS inspection.inspection_overrides (
     updated_at         timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 
+-- Monitoring (issue 6): operator switches that serving reads (auto_pass_paused: a FAR alert
+-- stops the model from passing parts on its own until a person resumes it), and the history
+-- of fired alerts (one row per alert and window, so re-running an hour changes nothing).
+CREATE TABLE IF NOT EXISTS inspection.serving_controls (
+    control            text PRIMARY KEY,
+    enabled            boolean NOT NULL,
+    reason             text,
+    set_by             text,
+    set_at             timestamptz NOT NULL DEFAULT clock_timestamp(),
+    updated_at         timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+CREATE TABLE IF NOT EXISTS inspection.monitoring_alerts (
+    alert              text NOT NULL,
+    window_start       timestamptz NOT NULL,
+    window_end         timestamptz NOT NULL,
+    severity           text NOT NULL,
+    value              double precision,
+    threshold          double precision,
+    message            text,
+    notified_via       text[],
+    created_at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    updated_at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (alert, window_start)
+);
+
 -- Indexes: CDC reads on updated_at; partitioned reads on capture time; joins on image_id.
 CREATE INDEX IF NOT EXISTS product_specs_updated_at_idx ON erp.product_specs (updated_at);
 CREATE INDEX IF NOT EXISTS production_orders_updated_at_idx ON erp.production_orders (updated_at);
@@ -177,12 +203,16 @@ CREATE INDEX IF NOT EXISTS defect_annotations_updated_at_idx ON inspection.defec
 CREATE INDEX IF NOT EXISTS defect_annotations_image_id_idx ON inspection.defect_annotations (image_id);
 CREATE INDEX IF NOT EXISTS inspection_results_updated_at_idx ON inspection.inspection_results (updated_at);
 CREATE INDEX IF NOT EXISTS inspection_results_image_id_idx ON inspection.inspection_results (image_id);
+CREATE INDEX IF NOT EXISTS inspection_results_inspected_at_idx ON inspection.inspection_results (inspected_at);
 CREATE INDEX IF NOT EXISTS predictions_updated_at_idx ON inspection.predictions (updated_at);
 CREATE INDEX IF NOT EXISTS predictions_predicted_at_idx ON inspection.predictions (predicted_at);
 CREATE INDEX IF NOT EXISTS predictions_request_id_idx ON inspection.predictions (request_id);
 CREATE INDEX IF NOT EXISTS human_review_queue_status_idx ON inspection.human_review_queue (status, created_at);
 CREATE INDEX IF NOT EXISTS human_review_queue_updated_at_idx ON inspection.human_review_queue (updated_at);
 CREATE INDEX IF NOT EXISTS inspection_overrides_updated_at_idx ON inspection.inspection_overrides (updated_at);
+CREATE INDEX IF NOT EXISTS inspection_overrides_image_id_idx ON inspection.inspection_overrides (image_id);
+CREATE INDEX IF NOT EXISTS inspection_overrides_ts_idx ON inspection.inspection_overrides (override_timestamp);
+CREATE INDEX IF NOT EXISTS predictions_image_id_idx ON inspection.predictions (image_id);
 
 -- updated_at triggers (CREATE OR REPLACE TRIGGER keeps this file idempotent).
 CREATE OR REPLACE TRIGGER product_specs_touch BEFORE UPDATE ON erp.product_specs
@@ -204,4 +234,8 @@ CREATE OR REPLACE TRIGGER predictions_touch BEFORE UPDATE ON inspection.predicti
 CREATE OR REPLACE TRIGGER human_review_queue_touch BEFORE UPDATE ON inspection.human_review_queue
     FOR EACH ROW EXECUTE FUNCTION inspection.touch_updated_at();
 CREATE OR REPLACE TRIGGER inspection_overrides_touch BEFORE UPDATE ON inspection.inspection_overrides
+    FOR EACH ROW EXECUTE FUNCTION inspection.touch_updated_at();
+CREATE OR REPLACE TRIGGER serving_controls_touch BEFORE UPDATE ON inspection.serving_controls
+    FOR EACH ROW EXECUTE FUNCTION inspection.touch_updated_at();
+CREATE OR REPLACE TRIGGER monitoring_alerts_touch BEFORE UPDATE ON inspection.monitoring_alerts
     FOR EACH ROW EXECUTE FUNCTION inspection.touch_updated_at();

@@ -255,3 +255,15 @@ def test_labels_vs_inspectors_compares_no_defect_with_pass():
     )
     # i1, i2, i3 are NO_DEFECT by label; inspectors say no defect on i1 and i3 only -> 2/3
     assert curation.labels_vs_inspectors(images, labels, results, APEX) == pytest.approx(2 / 3)
+
+
+def test_unlabelled_line_captures_never_become_training_images():
+    images = _images(3).with_columns(
+        pl.Series("source", ["simulator", "line", "line"])
+    )  # i1 and i2 are production captures; only i2 was labelled (active learning)
+    annotations = _annotations([("a1", "i0", "x", "scratch", 4), ("a2", "i2", "y", "pit", 5)])
+    for sources in (None, ("simulator", "line")):
+        chosen, kept, left_out = curation.select_sources(images, annotations, sources)
+        assert chosen["image_id"].to_list() == ["i0", "i2"]
+        assert kept["annotation_id"].to_list() == ["a1", "a2"]
+        assert left_out == 1

@@ -327,3 +327,40 @@ def test_records_reach_postgres_and_only_production_reviews_are_queued(
         assert review_id == review_id_for(rec.prediction_id) and request_id == rec.request_id
         assert (version, status) == (rec.model_version, "OPEN")
         assert Path(image_path).read_bytes() == upload
+
+
+def _confident(classes: tuple[str, ...] | list[str], top: str) -> np.ndarray:
+    """A probability vector with 0.95 on ``top`` (the rest shared), as a sure model gives."""
+    probs = np.full(len(classes), 0.05 / (len(classes) - 1), dtype=np.float32)
+    probs[list(classes).index(top)] = 0.95
+    return probs
+
+
+def test_paused_auto_pass_sends_every_pass_to_review_and_keeps_rejects(
+    models, tmp_path: Path, neu_jpeg: bytes
+) -> None:
+    predictor = make_predictor(models, tmp_path / "review", with_shadow=False)
+    classes = models["production"].classes
+    sure_good = (_confident(classes, NO_DEFECT), None)
+    sure_crack = (_confident(classes, "CRACK"), None)
+
+    body, record = predictor.respond(prepare(predictor, neu_jpeg), sure_good)
+    assert body["prediction"] == "PASS" and "review_reason" not in body
+    assert record.review_image_path is None
+
+    predictor.auto_pass_paused = True
+    prepared = prepare(predictor, neu_jpeg)
+    body, record = predictor.respond(prepared, sure_good)
+    assert body["prediction"] == body["recommended_action"] == "HUMAN_REVIEW"
+    assert body["review_reason"] == serving_core.AUTO_PASS_PAUSED_REASON
+    assert body["top_class"] == NO_DEFECT and body["overall_confidence"] == pytest.approx(0.95)
+    assert record.prediction == "HUMAN_REVIEW"  # so it reaches the inspectors' queue
+    assert Path(record.review_image_path).read_bytes() == neu_jpeg
+    # a reject is not a pass: the pause never lets a defective part through, nor reroutes it
+    body, record = predictor.respond(prepare(predictor, neu_jpeg), sure_crack)
+    assert body["prediction"] == "FAIL" and body["recommended_action"] == "SCRAP"
+    assert "review_reason" not in body and record.review_image_path is None
+
+    predictor.auto_pass_paused = False
+    body, _ = predictor.respond(prepare(predictor, neu_jpeg), sure_good)
+    assert body["prediction"] == "PASS"

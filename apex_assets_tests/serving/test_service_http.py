@@ -85,6 +85,8 @@ def _server_env(home: Path) -> dict[str, str]:
             "APEX_SERVING_BACKEND": "onnx",
             # Shared, busy CI cores: a generous batching budget so no request is shed (503).
             "APEX_SERVING_MAX_LATENCY_MS": "1000",
+            # read the serving controls (auto-pass pause) every second, not every minute
+            "APEX_SERVING_REFRESH_S": "1",
             "OMP_NUM_THREADS": "1",
         }
     )
@@ -590,6 +592,33 @@ def test_metrics_show_latency_buckets_and_predictions(
         >= 1
     )
     assert shadow >= 1, "the shadow model's predictions are counted under its own version"
+
+
+def _paused_gauge(client: httpx.Client, neu_jpeg: bytes, want: float) -> float:
+    """Post requests (a refresh happens on a request) until the gauge reads ``want`` (10 s)."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        assert post_raw(client, neu_jpeg, image_id=str(uuid.uuid4())).status_code == 200
+        value = metric_value(client.get("/metrics").text, "apex_auto_pass_paused")
+        if value == want or time.monotonic() > deadline:
+            return value
+        time.sleep(0.3)
+
+
+def test_serving_reads_the_auto_pass_pause_from_postgres(
+    server: Server, client: httpx.Client, neu_jpeg: bytes
+) -> None:
+    from apex_assets.lib.serving_controls import AUTO_PASS_PAUSED, set_control
+
+    assert _paused_gauge(client, neu_jpeg, 0.0) == 0.0
+    set_control(server.db_uri(), AUTO_PASS_PAUSED, True, reason="FAR 2.00% > 1.00%", set_by="test")
+    try:
+        assert _paused_gauge(client, neu_jpeg, 1.0) == 1.0, server.log_tail()
+        assert "auto-pass PAUSED by test" in server.log.read_text(errors="replace")
+    finally:
+        set_control(server.db_uri(), AUTO_PASS_PAUSED, False, reason="fixed", set_by="test")
+    assert _paused_gauge(client, neu_jpeg, 0.0) == 0.0
+    assert "auto-pass resumed" in server.log.read_text(errors="replace")
 
 
 def test_sixteen_concurrent_requests_all_succeed(

@@ -14,13 +14,28 @@ import time
 import dagster as dg
 import polars as pl
 
-from apex_assets.config import load_settings
+from apex_assets.config import Settings, load_settings
 from apex_assets.defs.curation.assets import configured_ontology
 from apex_assets.defs.ingestion.assets import daily_capture_partitions
 from apex_assets.defs.resources import LakeResource
 from apex_assets.lib.markdown import frame_to_markdown
 
 EMBEDDINGS_PREFIX = "features/image_embeddings"
+
+
+def configured_extractor(settings: Settings):
+    """(arch, preprocessing, fingerprint) of the configured embedding extractor: the one key
+    under which image_embeddings stores vectors and every reader finds them."""
+    from apex_assets.lib import embeddings
+    from apex_assets.lib.preprocess import PreprocessConfig
+
+    preprocess = PreprocessConfig(
+        image_size=settings.embedding_image_size, channels=settings.image_channels
+    )
+    fingerprint = embeddings.extractor_fingerprint(
+        settings.embedding_arch, preprocess, settings.embedding_weights
+    )
+    return settings.embedding_arch, preprocess, fingerprint
 
 
 def embedding_key(fingerprint: str, partition_key: str) -> str:
@@ -53,7 +68,7 @@ def image_embeddings(
     training_images: pl.DataFrame,
 ) -> dg.MaterializeResult:
     from apex_assets.lib import embeddings
-    from apex_assets.lib.datasets import InspectionImageDataset, failures_table, make_loader
+    from apex_assets.lib.datasets import failures_table
     from apex_assets.lib.preprocess import PreprocessConfig
 
     settings = load_settings()
@@ -91,20 +106,16 @@ def image_embeddings(
     images_per_s = 0.0
     started = time.perf_counter()
     if pending.height:
-        model = embeddings.create_feature_extractor(
-            arch, in_chans=preprocess.channels, pretrained_path=settings.embedding_weights
-        )
-        dataset = InspectionImageDataset(
-            settings.image_root, pending["image_path"].to_list(), None, preprocess
-        )
-        loader = make_loader(
-            dataset,
+        result = embeddings.embed_image_paths(
+            settings.image_root,
+            pending["image_path"].to_list(),
+            arch=arch,
+            preprocess=preprocess,
+            weights=settings.embedding_weights,
             batch_size=config.batch_size or settings.embedding_batch_size,
-            shuffle=False,
-            num_workers=settings.dataloader_workers,
-        )
-        result = embeddings.extract_embeddings(
-            model, loader, threads=settings.torch_threads, progress=context.log.info
+            workers=settings.dataloader_workers,
+            threads=settings.torch_threads,
+            progress=context.log.info,
         )
         failures, images_per_s = result.failures, result.images_per_s
         done = pending[result.indices.tolist()]
@@ -145,6 +156,24 @@ def image_embeddings(
     )
 
 
+def embedded_splits(
+    lake: LakeResource, settings: Settings, balanced_splits: pl.DataFrame
+) -> tuple[pl.DataFrame, str]:
+    """``image_id, label, split, embedding`` of the split images the configured extractor
+    embedded, and its fingerprint; a clear failure when nothing was embedded yet."""
+    _, _, fingerprint = configured_extractor(settings)
+    stored = read_embeddings(lake, fingerprint)
+    if stored is None:
+        raise dg.Failure(
+            f"no embeddings of extractor {fingerprint} in the lake: materialize image_embeddings "
+            "(all capture dates of the training window) first"
+        )
+    joined = balanced_splits.select("image_id", "label", "split").join(
+        stored.select("image_id", "embedding"), on="image_id", how="inner"
+    )
+    return joined, fingerprint
+
+
 def read_embeddings(lake: LakeResource, fingerprint: str) -> pl.DataFrame | None:
     """Every partition's embeddings of one extractor, or None when none was written."""
     store = lake.get_lake()
@@ -167,25 +196,10 @@ def embedding_probe(
     context: dg.AssetExecutionContext, lake: LakeResource, balanced_splits: pl.DataFrame
 ) -> dg.Output[pl.DataFrame]:
     from apex_assets.lib import embeddings
-    from apex_assets.lib.preprocess import PreprocessConfig
 
     settings = load_settings()
-    preprocess = PreprocessConfig(
-        image_size=settings.embedding_image_size, channels=settings.image_channels
-    )
-    fingerprint = embeddings.extractor_fingerprint(
-        settings.embedding_arch, preprocess, settings.embedding_weights
-    )
-    stored = read_embeddings(lake, fingerprint)
-    if stored is None:
-        raise dg.Failure(
-            f"no embeddings of extractor {fingerprint} in the lake: materialize image_embeddings "
-            "(all capture dates of the training window) first"
-        )
+    joined, fingerprint = embedded_splits(lake, settings, balanced_splits)
     classes = configured_ontology().class_ids()
-    joined = balanced_splits.select("image_id", "label", "split").join(
-        stored.select("image_id", "embedding"), on="image_id", how="inner"
-    )
     missing = balanced_splits.height - joined.height
     train = joined.filter(pl.col("split") == "train")
     test = joined.filter(pl.col("split") == "test")
