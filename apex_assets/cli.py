@@ -728,7 +728,7 @@ def run_active_learning_experiment(settings: Settings) -> None:
 
 
 def run_feedback_loop(
-    settings: Settings, uri: str, end_date: dt.date, hours: int = 12
+    settings: Settings, uri: str, end_date: dt.date, hours: int = 24
 ) -> dict[str, object]:
     """The demo's feedback loop: two weeks of line history (with a latency spike and a burst
     of critical misses on the last afternoon), the last hours' monitoring with its alerts, the
@@ -747,9 +747,11 @@ def run_feedback_loop(
         uri,
         end=end,
         weeks=2,
-        parts_per_hour=10.0,
+        # a part every 15 s per line: enough traffic that a slow stretch has requests in
+        # every minute (a minute without any breaks the latency alert's run)
+        parts_per_hour=60.0,
         incidents=[
-            Incident(kind="latency", start=afternoon + dt.timedelta(minutes=12), minutes=8),
+            Incident(kind="latency", start=afternoon + dt.timedelta(minutes=12), minutes=15),
             Incident(kind="far", start=afternoon + dt.timedelta(hours=2), minutes=60),
         ],
         image_root=settings.image_root,
@@ -770,7 +772,8 @@ def run_feedback_loop(
     queue = out["active_learning_queue"]
     queue_text = (
         f"{queue.get('chosen', 0)} of {queue.get('candidates', 0)} low-confidence images "
-        f"queued for labelling ({queue.get('strategy')}, ${queue.get('label_cost_usd', 0)})"
+        f"queued for labelling ({queue.get('strategy')}, "
+        f"${float(queue.get('label_cost_usd', 0) or 0):,.0f})"
     )
     say("active learning: " + queue_text)
     say("impact (manual inspection before vs the model after, per 10k parts):")
@@ -1187,7 +1190,8 @@ def feedback(end: str | None) -> None:
     queue = out["active_learning_queue"]
     click.echo(
         f"\nactive-learning queue: {queue.get('chosen', 0)} of {queue.get('candidates', 0)} "
-        f"candidates ({queue.get('strategy')}), label cost ${queue.get('label_cost_usd', 0)}"
+        f"candidates ({queue.get('strategy')}), label cost "
+        f"${float(queue.get('label_cost_usd', 0) or 0):,.0f}"
     )
     click.echo(str(out["impact_summary"].get("summary", "")))
 
