@@ -540,7 +540,7 @@ def _demo_environment(dataset: str) -> None:
         os.environ["APEX_HOME"] = str(home / "neu")
         os.environ.setdefault("APEX_ONTOLOGY", "neu_steel")
     elif dataset == "both":
-        os.environ.setdefault("APEX_IMAGE_SOURCES", "simulator")
+        os.environ.setdefault("APEX_IMAGE_SOURCES", "simulator,line")
     for name, value in DEMO_ML_PROFILE["neu" if dataset == "neu" else "synthetic"].items():
         os.environ.setdefault(name, value)
 
@@ -1074,17 +1074,20 @@ def simulate_line_command(
 
     settings = load_settings()
     uri = source_uri(settings)
-    summary = simulate_line(
-        uri,
-        end=_parse_time(end),
-        weeks=weeks,
-        seed=seed,
-        model_version=model_version,
-        parts_per_hour=parts_per_hour,
-        override_scale=override_scale,
-        incidents=[_parse_incident(i) for i in incidents],
-        image_root=settings.image_root,
-    )
+    try:
+        summary = simulate_line(
+            uri,
+            end=_parse_time(end),
+            weeks=weeks,
+            seed=seed,
+            model_version=model_version,
+            parts_per_hour=parts_per_hour,
+            override_scale=override_scale,
+            incidents=[_parse_incident(i) for i in incidents],
+            image_root=settings.image_root,
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     say(
         f"line {summary.start:%Y-%m-%d %H:%M} .. {summary.end:%Y-%m-%d %H:%M}: "
         f"{summary.predictions:,} predictions, {summary.overrides:,} overrides "

@@ -118,7 +118,13 @@ def test_demo_end_to_end_then_rerun_is_a_no_op(tmp_path, neu_det_dir):
     assert "synthetic plant: 0 new rows" in second.stdout
     assert "images imported 0, unchanged 1,500" in second.stdout
     assert "lake already up to date" in second.stdout
-    assert re.search(r"image_embeddings\s+0 embedded", second.stdout), second.stdout
+    # the only new training images are line captures the inspectors labelled through their
+    # overrides after the first run: only those are embedded, the rest is reused
+    embedded = re.search(r"image_embeddings\s+([\d,]+) embedded, ([\d,]+) reused", second.stdout)
+    overrides = int(re.search(r"([\d,]+) overrides;", line).group(1).replace(",", ""))
+    assert embedded, second.stdout
+    new, reused = (int(g.replace(",", "")) for g in embedded.groups())
+    assert 0 < new <= overrides and reused > 0, embedded.group(0)
     assert "nothing changed since the last ingestion" in _apex("ingest", env=env).stdout
     # the new version v2 runs in shadow beside production v1, which now answers the line
     bento_line = next(x for x in second.stdout.splitlines() if x.startswith("bento:"))
@@ -162,3 +168,26 @@ def test_import_voc_rejects_missing_folder_with_a_clear_message(tmp_path):
     )
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr
+
+
+def test_auto_pass_switch_and_line_simulator_errors(tmp_path):
+    env = _env(tmp_path / "apex")
+    assert "auto-pass is ACTIVE" in _apex("auto-pass", "status", env=env).stdout
+    paused = _apex(
+        "auto-pass", "pause", "--by", "qa", "--reason", "FAR alert on line 2", env=env
+    ).stdout
+    assert "auto-pass PAUSED by qa" in paused
+    status = _apex("auto-pass", "status", env=env).stdout
+    assert "auto-pass is PAUSED" in status and "by qa: FAR alert on line 2" in status
+    _apex("auto-pass", "resume", "--by", "lead", "--reason", "parts re-inspected", env=env)
+    status = _apex("auto-pass", "status", env=env).stdout
+    assert "auto-pass is ACTIVE (resumed by lead" in status and "parts re-inspected" in status
+    missing = _apex("auto-pass", "resume", "--by", "lead", env=env, check=False)
+    assert missing.returncode == 2 and "--reason" in missing.stderr
+
+    # the line simulator needs a plant first, and says so instead of a traceback
+    empty = _apex("simulate-line", "--weeks", "1", env=env, check=False)
+    assert empty.returncode == 1 and "apex simulate" in empty.stderr, empty.stderr
+    assert "Traceback" not in empty.stderr
+    bad = _apex("simulate-line", "--incident", "latency@yesterday", env=env, check=False)
+    assert bad.returncode == 2 and "kind@START+MINUTES" in bad.stderr

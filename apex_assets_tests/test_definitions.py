@@ -20,6 +20,7 @@ INGESTION = {
     "camera_calibration",
     "equipment_registry",
     "production_orders",
+    "inspection_overrides",
 }
 
 
@@ -39,6 +40,7 @@ def test_assets_schedule_and_job():
         "image_metadata",
         "defect_annotations",
         "inspection_results",
+        "inspection_overrides",
         "image_embeddings",
         "monitoring_metrics",
     }

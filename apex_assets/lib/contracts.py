@@ -85,6 +85,14 @@ class InspectionResultContract(_Base):
     decision: str = pa.Field(isin=DECISIONS)
 
 
+class InspectionOverrideContract(_Base):
+    override_id: str = pa.Field(str_length=UUID_TEXT)
+    image_id: str = pa.Field(str_length=UUID_TEXT)
+    capture_date: pl.Date = pa.Field(nullable=False)
+    inspector_decision: str = pa.Field(nullable=False, str_length={"min_value": 1})
+    override_timestamp: UtcTimestamp = pa.Field(nullable=False)
+
+
 class CameraCalibrationContract(_Base):
     camera_id: str = pa.Field(nullable=False, str_length={"min_value": 1})
     valid_from: UtcTimestamp = pa.Field(nullable=False)

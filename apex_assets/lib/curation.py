@@ -29,6 +29,7 @@ import polars as pl
 from apex_assets.lib.agreement import no_defect_agreement, resolve_image_labels
 from apex_assets.lib.leakage import content_hashes
 from apex_assets.lib.ontology import NO_DEFECT, Ontology
+from apex_assets.lib.overrides import verdict_expr
 from apex_assets.lib.splits import (
     BalanceReport,
     SplitConfig,
@@ -42,6 +43,13 @@ CURATION_COLUMNS: dict[str, list[str]] = {
     "inspection_results": ["image_id", "decision"],
     "production_orders": ["production_order_id", "plant_id"],
     "equipment_registry": ["machine_id", "plant_id"],
+    "inspection_overrides": [
+        "override_id",
+        "image_id",
+        "inspector_decision",
+        "inspector_id",
+        "override_timestamp",
+    ],
 }
 
 
@@ -60,26 +68,108 @@ def _require(frame: pl.DataFrame, name: str, columns: list[str]) -> None:
 
 #: ``image_metadata.source`` of the production line's own captures (serving's images).
 LINE_SOURCE = "line"
+#: ``annotator_id`` prefix of the labels that come from inspector overrides.
+INSPECTOR_PREFIX = "inspector:"
+#: the confidence an inspector's decision on the part itself counts with (the scale's top)
+OVERRIDE_CONFIDENCE = 5
+
+_DECISION_WORDS = ("FAIL", "REWORK", "SCRAP")
+
+
+@dataclass(frozen=True)
+class OverrideLabels:
+    """What the inspectors' overrides teach the next model.
+
+    ``annotations``: one annotation-shaped row per image whose last override names a defect
+    class (``SURFACE_SCRATCH -> SURFACE_PIT`` labels the image SURFACE_PIT); ``good``: image ids
+    whose last override says the part is good (``FAIL -> PASS``: a NO_DEFECT image);
+    ``unknown_class``: overrides that reject a part without naming the defect
+    (``PASS -> FAIL``), which cannot label an image until someone names the class.
+    """
+
+    annotations: pl.DataFrame
+    good: pl.Series
+    unknown_class: int
+
+
+def override_labels(overrides: pl.DataFrame) -> OverrideLabels:
+    """Labels from the last override of each image (latest ``override_timestamp``)."""
+    empty = OverrideLabels(
+        pl.DataFrame(
+            schema={
+                "annotation_id": pl.String,
+                "image_id": pl.String,
+                "defect_type": pl.String,
+                "annotator_id": pl.String,
+                "confidence": pl.Int32,
+                "annotated_at": pl.Datetime("us", "UTC"),
+            }
+        ),
+        pl.Series("image_id", [], dtype=pl.String),
+        0,
+    )
+    if overrides.is_empty():
+        return empty
+    _require(
+        overrides,
+        "inspection_overrides",
+        ["override_id", "image_id", "inspector_decision", "inspector_id", "override_timestamp"],
+    )
+    last = (
+        overrides.sort("override_timestamp", "override_id")
+        .unique("image_id", keep="last")
+        .with_columns(
+            _verdict=verdict_expr("inspector_decision"),
+            _upper=pl.col("inspector_decision").str.strip_chars().str.to_uppercase(),
+        )
+    )
+    named = last.filter((pl.col("_verdict") == "FAIL") & ~pl.col("_upper").is_in(_DECISION_WORDS))
+    annotations = named.select(
+        pl.concat_str(pl.lit("override:"), "override_id").alias("annotation_id"),
+        "image_id",
+        pl.col("inspector_decision").str.strip_chars().alias("defect_type"),
+        pl.concat_str(pl.lit(INSPECTOR_PREFIX), pl.col("inspector_id").fill_null("?")).alias(
+            "annotator_id"
+        ),
+        pl.lit(OVERRIDE_CONFIDENCE, dtype=pl.Int32).alias("confidence"),
+        pl.col("override_timestamp").alias("annotated_at"),
+    ).sort("annotation_id")
+    good = last.filter(pl.col("_verdict") == "PASS").get_column("image_id").sort()
+    unknown = last.filter(
+        (pl.col("_verdict") == "FAIL") & pl.col("_upper").is_in(_DECISION_WORDS)
+    ).height
+    return OverrideLabels(annotations.cast(empty.annotations.schema), good, unknown)
 
 
 def select_sources(
-    images: pl.DataFrame, annotations: pl.DataFrame, sources: tuple[str, ...] | None
+    images: pl.DataFrame,
+    annotations: pl.DataFrame,
+    sources: tuple[str, ...] | None,
+    *,
+    overrides: OverrideLabels | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, int]:
     """Keep the images of the given ``image_metadata.source`` values (None = all) and their
     annotations; annotations whose image does not exist at all are kept so that
     :func:`standardize_labels` reports them. Returns (images, annotations, images left out).
 
-    Line captures (source ``line``) enter only once an annotator labelled them (the
-    active-learning queue sends them to labelling): an unlabelled capture is not a good part,
-    it is an unknown one, and must not become a NO_DEFECT training image.
+    Line captures (source ``line``) enter only once someone labelled them: an annotator (the
+    active-learning queue sends them to labelling) or an inspector's override that says what
+    the part is (``overrides``: its class rows join the annotations, its good parts count as
+    labelled NO_DEFECT images). An unlabelled capture is not a good part, it is an unknown one,
+    and must not become a NO_DEFECT training image.
     """
+    if overrides is not None and overrides.annotations.height:
+        annotations = pl.concat([annotations, overrides.annotations], how="diagonal_relaxed")
     if "source" not in images.columns:
         return images, annotations, 0
     chosen = images if sources is None else images.filter(pl.col("source").is_in(list(sources)))
+    labelled = annotations.get_column("image_id")
+    if overrides is not None:
+        labelled = pl.concat([labelled, overrides.good])
     chosen = chosen.filter(
         (pl.col("source") != LINE_SOURCE)
         | pl.col("source").is_null()
-        | pl.col("image_id").is_in(annotations.get_column("image_id").implode())
+        | pl.col("image_id").is_in(labelled.implode())
     )
     others = images.join(chosen.select("image_id"), on="image_id", how="anti").select("image_id")
     kept = annotations.join(others, on="image_id", how="anti")

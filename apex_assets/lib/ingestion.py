@@ -202,6 +202,22 @@ SOURCE_TABLES: tuple[SourceTable, ...] = (
         joins_image=True,
     ),
     SourceTable(
+        asset_name="inspection_overrides",
+        key_columns="t.override_id::text AS override_id",
+        source="inspection.inspection_overrides",
+        columns=(
+            "t.override_id::text AS override_id, t.image_id::text AS image_id,"
+            " t.model_prediction, t.inspector_decision, t.inspector_id, t.override_timestamp,"
+            " t.model_version, t.updated_at"
+        ),
+        primary_key=("override_id",),
+        contract=contracts.InspectionOverrideContract,
+        description="Inspectors overturning the model on the line: the labels the model "
+        "learns from at the next retraining.",
+        partitioned=True,
+        joins_image=True,
+    ),
+    SourceTable(
         asset_name="camera_calibration",
         key_columns="t.camera_id, t.valid_from",
         source="inspection.camera_calibration",

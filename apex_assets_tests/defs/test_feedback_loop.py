@@ -4,12 +4,13 @@ Real components throughout: a real PostgreSQL database (the session's embedded s
 tiny synthetic plant with rendered images, the CDC ingestion, curation and training jobs as
 ``make demo`` runs them (a 1-epoch ``resnet10t`` at 32 px), MLflow's registry in a SQLite file,
 and weeks of line history (predictions + inspector overrides with the seed's patterns) from the
-line simulator. Then:
+line simulator, ingested by the CDC like every source table. Then:
 
 * the reports a person reads: monitoring hours, override report, active-learning queue,
   impact summary;
 * the loop: overrides written -> ``override_retrain_sensor`` requests a run -> the retraining
-  job retrains -> a new model version is registered -> the sensor's counts restart.
+  job curates the overrides into labels and retrains -> a new model version is registered ->
+  the sensor's counts restart.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def plant(tmp_path_factory: pytest.TempPathFactory, pg_server) -> Iterator[Plant
         "APEX_HOME": str(home),
         "APEX_SOURCE_DB_URL": uri,
         "DAGSTER_HOME": str(home / "dagster"),
-        "APEX_IMAGE_SOURCES": "simulator",
+        "APEX_IMAGE_SOURCES": "simulator,line",
         "APEX_TRAIN_ARCH": "resnet10t",
         "APEX_TRAIN_IMAGE_SIZE": "32",
         "APEX_TRAIN_EPOCHS": "1",
@@ -86,6 +87,7 @@ def plant(tmp_path_factory: pytest.TempPathFactory, pg_server) -> Iterator[Plant
         line = simulate_line(
             uri, end=END, weeks=3, parts_per_hour=3.0, image_root=settings.image_root
         )
+        cli.run_cdc_once(settings)  # the line's captures and overrides reach the lake
         yield Plant(home=home, uri=uri, line=line)
     finally:
         mp.undo()
@@ -159,6 +161,13 @@ def test_overrides_trigger_a_retraining_that_registers_a_new_version(plant: Plan
     job = build_definitions(settings).resolve_job_def(request.job_name or "retraining_job")
     result = job.execute_in_process(instance=instance, tags=request.tags, raise_on_error=False)
     assert result.asset_materializations_for_node("trained_model")
+    # the retrained model learned from the overrides: line captures an inspector labelled
+    # (FAIL->PASS good parts, SCRATCH->PIT pits) joined the training images
+    (labels,) = result.asset_materializations_for_node("standardized_labels")
+    from_inspectors = labels.metadata["from_inspector_overrides"].value
+    assert from_inspectors == plant.line.overrides_by_pattern["SURFACE_SCRATCH->SURFACE_PIT"]
+    (images,) = result.asset_materializations_for_node("training_images")
+    assert images.metadata["line_captures"].value >= from_inspectors
     after = client.search_model_versions(f"name = '{settings.registered_model}'")
     assert len(after) == 2
     newest = max(after, key=lambda v: int(v.version))

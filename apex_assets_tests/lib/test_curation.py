@@ -267,3 +267,55 @@ def test_unlabelled_line_captures_never_become_training_images():
         assert chosen["image_id"].to_list() == ["i0", "i2"]
         assert kept["annotation_id"].to_list() == ["a1", "a2"]
         assert left_out == 1
+
+
+def _override_frame(rows: list[tuple[str, str, str, int]]) -> pl.DataFrame:
+    """(override_id, image_id, inspector_decision, minute) rows."""
+    t0 = dt.datetime(2026, 11, 30, 8, tzinfo=dt.UTC)
+    return pl.DataFrame(
+        {
+            "override_id": [r[0] for r in rows],
+            "image_id": [r[1] for r in rows],
+            "inspector_decision": [r[2] for r in rows],
+            "inspector_id": ["INS-4"] * len(rows),
+            "override_timestamp": [t0 + dt.timedelta(minutes=r[3]) for r in rows],
+        }
+    )
+
+
+def test_overrides_label_line_captures_the_way_the_inspector_decided():
+    overrides = _override_frame(
+        [
+            ("o1", "i1", "PASS", 0),  # FAIL -> PASS: a good part
+            ("o2", "i2", "SURFACE_PIT", 0),  # SCRATCH -> PIT: labels the class
+            ("o3", "i3", "FAIL", 0),  # PASS -> FAIL: defective, class unknown
+            ("o4", "i4", "FAIL", 0),  # changed mind: the last word counts
+            ("o5", "i4", " surface pit ", 5),
+        ]
+    )
+    labels = curation.override_labels(overrides)
+    assert labels.good.to_list() == ["i1"]
+    assert labels.unknown_class == 1
+    rows = labels.annotations.rows(named=True)
+    assert [(r["image_id"], r["defect_type"]) for r in rows] == [
+        ("i2", "SURFACE_PIT"),
+        ("i4", "surface pit"),
+    ]
+    assert {r["annotator_id"] for r in rows} == {"inspector:INS-4"}
+    assert {r["confidence"] for r in rows} == {curation.OVERRIDE_CONFIDENCE}
+    assert curation.override_labels(overrides.clear()).annotations.is_empty()
+
+    images = _images(5).with_columns(
+        pl.Series("source", ["simulator", "line", "line", "line", "line"])
+    )
+    annotations = _annotations([("a1", "i0", "x", "scratch", 4)])
+    chosen, kept, left_out = curation.select_sources(
+        images, annotations, ("simulator", "line"), overrides=labels
+    )
+    # the good part and the two named classes enter; the unnamed reject stays out
+    assert chosen["image_id"].to_list() == ["i0", "i1", "i2", "i4"]
+    assert sorted(kept["image_id"].to_list()) == ["i0", "i2", "i4"] and left_out == 1
+    ontology = load_ontology("apex_defect_taxonomy")
+    standardized = curation.standardize_labels(kept, images, ontology, min_confidence=3)
+    by_image = dict(standardized.labels.select("image_id", "class_id").rows())
+    assert by_image == {"i0": "SURFACE_SCRATCH", "i2": "SURFACE_PIT", "i4": "SURFACE_PIT"}

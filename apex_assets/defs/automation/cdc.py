@@ -101,6 +101,7 @@ def _range_requests(
     cron_schedule="*/15 * * * *",
     job=cdc_ingestion_job,
     execution_timezone=load_settings().partition_timezone,
+    default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Every 15 minutes: ingest what changed in the plant databases since the cursors.",
 )
 def cdc_ingestion_schedule(
@@ -155,6 +156,7 @@ def plan_reconcile_run_requests(
     cron_schedule="30 1 * * *",
     job=cdc_ingestion_job,
     execution_timezone=load_settings().partition_timezone,
+    default_status=dg.DefaultScheduleStatus.RUNNING,
     description=(
         "Nightly: compare primary keys with the source and tombstone rows deleted there "
         "(hard deletes are invisible to the 15-minute CDC)."

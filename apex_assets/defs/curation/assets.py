@@ -25,6 +25,7 @@ RAW_ANNOTATIONS = dg.AssetKey("defect_annotations")
 RAW_RESULTS = dg.AssetKey("inspection_results")
 RAW_EQUIPMENT = dg.AssetKey("equipment_registry")
 RAW_ORDERS = dg.AssetKey("production_orders")
+RAW_OVERRIDES = dg.AssetKey("inspection_overrides")
 
 
 def configured_ontology() -> Ontology:
@@ -49,13 +50,20 @@ def raw_table(lake: LakeResource, name: str) -> pl.DataFrame:
 
 
 def curated_inputs(lake: LakeResource) -> tuple[pl.DataFrame, pl.DataFrame, int]:
-    """Images and annotations of the sources this deployment curates (APEX_IMAGE_SOURCES)."""
+    """Images and annotations of the sources this deployment curates (APEX_IMAGE_SOURCES),
+    with the labels the inspectors' overrides give line captures."""
     images, annotations, left_out = curation.select_sources(
         raw_table(lake, "image_metadata"),
         raw_table(lake, "defect_annotations"),
         load_settings().image_sources,
+        overrides=inspector_labels(lake),
     )
     return images, annotations, left_out
+
+
+def inspector_labels(lake: LakeResource) -> curation.OverrideLabels:
+    """What the ingested inspector overrides label (see ``curation.override_labels``)."""
+    return curation.override_labels(raw_table(lake, "inspection_overrides"))
 
 
 @dg.asset(
@@ -83,7 +91,7 @@ def defect_ontology() -> dg.Output[pl.DataFrame]:
 @dg.asset(
     group_name="curation",
     io_manager_key="lake_io",
-    deps=[RAW_ANNOTATIONS, RAW_IMAGES, RAW_EQUIPMENT, RAW_ORDERS],
+    deps=[RAW_ANNOTATIONS, RAW_IMAGES, RAW_EQUIPMENT, RAW_ORDERS, RAW_OVERRIDES],
     kinds={"polars"},
     description="Raw label x plant counts with the standardized class beside each; unmapped kept.",
 )
@@ -121,7 +129,7 @@ def label_profile(lake: LakeResource, defect_ontology: pl.DataFrame) -> dg.Outpu
 @dg.asset(
     group_name="curation",
     io_manager_key="lake_io",
-    deps=[RAW_ANNOTATIONS, RAW_IMAGES],
+    deps=[RAW_ANNOTATIONS, RAW_IMAGES, RAW_OVERRIDES],
     kinds={"polars"},
     description="Annotations mapped to ontology classes, confidence-filtered; rejects kept with reasons.",
 )
@@ -151,6 +159,9 @@ def standardized_labels(
             "rejected_by_reason": dg.MetadataValue.json(result.reasons()),
             "rejected_rows_at": store.uri("curated/standardized_labels_rejected.parquet"),
             "min_annotator_confidence": settings.min_annotator_confidence,
+            "from_inspector_overrides": result.labels.filter(
+                pl.col("annotator_id").str.starts_with(curation.INSPECTOR_PREFIX)
+            ).height,
             "per_class": dg.MetadataValue.json(curation.class_counts(result.labels, "class_id")),
             "preview": dg.MetadataValue.md(frame_to_markdown(result.labels.head(8))),
         },
@@ -160,7 +171,7 @@ def standardized_labels(
 @dg.asset(
     group_name="curation",
     io_manager_key="lake_io",
-    deps=[RAW_IMAGES, RAW_RESULTS, RAW_EQUIPMENT, RAW_ORDERS],
+    deps=[RAW_IMAGES, RAW_RESULTS, RAW_EQUIPMENT, RAW_ORDERS, RAW_OVERRIDES],
     kinds={"polars"},
     description="One labelled row per image in the training window, with its context.",
 )
@@ -198,6 +209,9 @@ def training_images(
             "window": f"{built.window[0].isoformat()} .. {built.window[1].isoformat()}",
             "outside_window": built.outside_window,
             "images_of_other_sources": left_out,
+            "line_captures": frame.filter(pl.col("source") == curation.LINE_SOURCE).height
+            if "source" in frame.columns
+            else 0,
             "excluded_only_rejected_annotations": built.excluded_rejected_only,
             "per_class": dg.MetadataValue.json(curation.class_counts(frame)),
             "defect_distribution_by_line": png_markdown(chart, "defect distribution by line"),
