@@ -323,6 +323,32 @@ def queue_frame(
     )
 
 
+def concat_queues(*queues: pl.DataFrame) -> pl.DataFrame:
+    """Queues of :func:`queue_frame` one after the other, ranked again from 1 (the first
+    queue's images are labelled first)."""
+    joined = pl.concat(queues, how="vertical")
+    return joined.with_columns(pl.int_range(1, joined.height + 1, dtype=pl.Int32).alias("rank"))
+
+
+def empty_queue(candidates: pl.DataFrame) -> pl.DataFrame:
+    """A queue with no row, with the columns (and types) :func:`queue_frame` gives."""
+    return pl.concat(
+        [
+            pl.DataFrame({"rank": pl.Series("rank", [], dtype=pl.Int32)}),
+            candidates.select(QUEUE_COLUMNS).clear(),
+            pl.DataFrame(
+                schema={
+                    "margin": pl.Float64,
+                    "entropy": pl.Float64,
+                    "strategy": pl.String,
+                    "reason": pl.String,
+                }
+            ),
+        ],
+        how="horizontal",
+    )
+
+
 def _as_mapping(value: object, row: int) -> Mapping[str, object] | None:
     if value is None:
         return None

@@ -83,13 +83,14 @@ class OverrideLabels:
     ``annotations``: one annotation-shaped row per image whose last override names a defect
     class (``SURFACE_SCRATCH -> SURFACE_PIT`` labels the image SURFACE_PIT); ``good``: image ids
     whose last override says the part is good (``FAIL -> PASS``: a NO_DEFECT image);
-    ``unknown_class``: overrides that reject a part without naming the defect
-    (``PASS -> FAIL``), which cannot label an image until someone names the class.
+    ``needs_class``: image ids whose last override rejects the part without naming the defect
+    (``PASS -> FAIL``): no label until someone names the class (the labelling queue puts them
+    first).
     """
 
     annotations: pl.DataFrame
     good: pl.Series
-    unknown_class: int
+    needs_class: pl.Series
 
 
 def override_labels(overrides: pl.DataFrame) -> OverrideLabels:
@@ -106,7 +107,7 @@ def override_labels(overrides: pl.DataFrame) -> OverrideLabels:
             }
         ),
         pl.Series("image_id", [], dtype=pl.String),
-        0,
+        pl.Series("image_id", [], dtype=pl.String),
     )
     if overrides.is_empty():
         return empty
@@ -135,10 +136,12 @@ def override_labels(overrides: pl.DataFrame) -> OverrideLabels:
         pl.col("override_timestamp").alias("annotated_at"),
     ).sort("annotation_id")
     good = last.filter(pl.col("_verdict") == "PASS").get_column("image_id").sort()
-    unknown = last.filter(
-        (pl.col("_verdict") == "FAIL") & pl.col("_upper").is_in(_DECISION_WORDS)
-    ).height
-    return OverrideLabels(annotations.cast(empty.annotations.schema), good, unknown)
+    needs_class = (
+        last.filter((pl.col("_verdict") == "FAIL") & pl.col("_upper").is_in(_DECISION_WORDS))
+        .get_column("image_id")
+        .sort()
+    )
+    return OverrideLabels(annotations.cast(empty.annotations.schema), good, needs_class)
 
 
 def select_sources(

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import dagster as dg
 import mlflow
+import polars as pl
 import psycopg
 import pytest
 
@@ -69,7 +70,7 @@ def plant(tmp_path_factory: pytest.TempPathFactory, pg_server) -> Iterator[Plant
         "APEX_EMBEDDING_IMAGE_SIZE": "32",
         "APEX_DATALOADER_WORKERS": "0",
         "APEX_TORCH_THREADS": "1",
-        "APEX_ACTIVE_LEARNING_BUDGET": "12",
+        "APEX_ACTIVE_LEARNING_BUDGET": "40",
         "APEX_RETRAIN_OVERRIDE_THRESHOLD": "100",
         "APEX_RETRAIN_CRITICAL_MISS_THRESHOLD": "5",
     }
@@ -116,16 +117,28 @@ def test_reports_on_weeks_of_line_history(plant: Plant) -> None:
     assert "FAIL->PASS" in str(report["report"]) and "decreasing" in str(report["report"])
 
     queue = out["active_learning_queue"]
-    assert 0 < queue["chosen"] <= 12 and queue["strategy"] == "diversity"
+    assert queue["chosen"] == 40 and queue["strategy"] == "diversity"
     chosen = LocalLake(plant.home / "lake").read("curated/active_learning_queue.parquet")
     assert chosen.height == queue["chosen"]
     assert chosen["rank"].to_list() == list(range(1, chosen.height + 1))
-    assert (chosen["overall_confidence"] < settings.active_learning_max_confidence).all()
     with psycopg.connect(plant.uri) as conn:
-        overridden = {
-            str(r[0]) for r in conn.execute("SELECT image_id FROM inspection.inspection_overrides")
-        }
-    assert not overridden & set(chosen["image_id"]), "an overridden image already has a label"
+        decision = dict(
+            (str(r[0]), r[1])
+            for r in conn.execute(
+                "SELECT DISTINCT ON (image_id) image_id, inspector_decision "
+                "FROM inspection.inspection_overrides ORDER BY image_id, override_timestamp DESC"
+            )
+        )
+    # first the critical misses of the last week whose class nobody named (PASS -> FAIL) ...
+    critical = chosen.filter(pl.col("strategy") == "critical_miss")
+    assert critical.height == queue["critical_misses_needing_a_class"] > 0
+    assert chosen["strategy"][: critical.height].to_list() == ["critical_miss"] * critical.height
+    assert {decision[i] for i in critical["image_id"]} == {"FAIL"}
+    # ... then uncertain images nobody overrode, chosen for diversity among the least sure
+    rest = chosen.filter(pl.col("strategy") == "diversity")
+    assert rest.height == 40 - critical.height > 0
+    assert not set(rest["image_id"]) & set(decision), "an overridden image already has a label"
+    assert (rest["overall_confidence"] < settings.active_learning_max_confidence).all()
 
     impact = out["impact_summary"]
     assert impact["parts_before"] > 0 and impact["parts_after"] > 0

@@ -15,7 +15,9 @@ import pytest
 from apex_assets.lib import active_learning as al
 from apex_assets.lib.active_learning import (
     ExperimentConfig,
+    concat_queues,
     coverage_radius,
+    empty_queue,
     experiment_markdown,
     experiment_plot,
     k_center_greedy,
@@ -267,6 +269,13 @@ def test_queue_frame_in_pick_order_with_reasons() -> None:
     empty = queue_frame(candidates, probs, [], strategy="diversity", classes=classes)
     assert empty.height == 0
     assert empty.columns == queue.columns
+    # queues one after the other are ranked again; an empty one has the same columns
+    both = concat_queues(
+        queue_frame(candidates, probs, [1], strategy="first", classes=classes), queue
+    )
+    assert both["rank"].to_list() == [1, 2, 3] and both["image_id"].to_list() == ["b", "c", "a"]
+    assert both.schema == queue.schema
+    assert empty_queue(candidates).schema == queue.schema and empty_queue(candidates).height == 0
     with pytest.raises(ValueError, match="classes"):
         queue_frame(candidates, probs, [0], strategy="x", classes=classes[:2])
     with pytest.raises(ValueError, match="lack"):

@@ -295,7 +295,7 @@ def test_overrides_label_line_captures_the_way_the_inspector_decided():
     )
     labels = curation.override_labels(overrides)
     assert labels.good.to_list() == ["i1"]
-    assert labels.unknown_class == 1
+    assert labels.needs_class.to_list() == ["i3"]
     rows = labels.annotations.rows(named=True)
     assert [(r["image_id"], r["defect_type"]) for r in rows] == [
         ("i2", "SURFACE_PIT"),

@@ -253,7 +253,7 @@ def active_learning_queue(
     lake: LakeResource,
 ) -> dg.Output[pl.DataFrame]:
     from apex_assets.lib import active_learning
-    from apex_assets.lib.labelling_candidates import read_candidates
+    from apex_assets.lib.labelling_candidates import labelling_pools, read_candidates
 
     settings = load_settings()
     end = config.end_time()
@@ -267,31 +267,48 @@ def active_learning_queue(
     budget = settings.active_learning_budget
     strategy = settings.active_learning_strategy
     if candidates.is_empty():
-        context.log.info("no low-confidence prediction to choose from")
-        queue = active_learning.queue_frame(
-            candidates, _empty_probs(), [], strategy=strategy, classes=[]
+        context.log.info("no low-confidence or class-less overridden prediction to choose from")
+        return dg.Output(
+            active_learning.empty_queue(candidates),
+            metadata={"candidates": 0, "chosen": 0, "strategy": strategy},
         )
-        return dg.Output(queue, metadata={"candidates": 0, "chosen": 0, "strategy": strategy})
     probs, classes = active_learning.probabilities_matrix(candidates)
+    needs_class, uncertain = labelling_pools(candidates)
+    # critical misses whose class nobody named come first: they cannot train the model yet
+    first = needs_class[:budget]
+    critical = active_learning.queue_frame(
+        candidates, probs, first, strategy="critical_miss", classes=classes
+    ).with_columns(
+        reason=pl.lit("inspector rejected a part the model passed: name the defect class")
+    )
+    pool, pool_probs = candidates[uncertain], probs[uncertain]
+    rest = budget - len(first)
     features = None
-    embedded = candidates.height
-    if strategy == "diversity":
-        pool = active_learning.select(
-            probs, None, min(candidates.height, budget * 4), strategy="uncertainty"
+    embedded = 0
+    if strategy == "diversity" and rest > 0 and pool.height:
+        shortlist = active_learning.select(
+            pool_probs, None, min(pool.height, rest * 4), strategy="uncertainty"
         )
-        candidates, probs = candidates[pool], probs[pool]
-        features, kept = _embed_candidates(context, settings, lake, candidates)
-        candidates, probs = candidates[kept], probs[kept]
+        pool, pool_probs = pool[shortlist], pool_probs[shortlist]
+        features, kept = _embed_candidates(context, settings, lake, pool)
+        pool, pool_probs = pool[kept], pool_probs[kept]
         embedded = len(kept)
-    chosen = active_learning.select(probs, features, budget, strategy=strategy)
-    queue = active_learning.queue_frame(
-        candidates, probs, chosen, strategy=strategy, classes=classes
+    chosen = (
+        active_learning.select(pool_probs, features, rest, strategy=strategy)
+        if rest > 0 and pool.height
+        else []
+    )
+    queue = active_learning.concat_queues(
+        critical,
+        active_learning.queue_frame(pool, pool_probs, chosen, strategy=strategy, classes=classes),
     )
     by_class = queue.group_by("predicted_class").len().sort("len", descending=True)
     return dg.Output(
         queue,
         metadata={
             "candidates": candidates.height,
+            "critical_misses_needing_a_class": len(needs_class),
+            "uncertain_candidates": len(uncertain),
             "embedded": embedded,
             "chosen": queue.height,
             "budget": budget,
@@ -302,12 +319,6 @@ def active_learning_queue(
             "queue": dg.MetadataValue.md(frame_to_markdown(queue.head(20), max_rows=20)),
         },
     )
-
-
-def _empty_probs():
-    import numpy as np
-
-    return np.zeros((0, 0), dtype=np.float32)
 
 
 def _embed_candidates(
