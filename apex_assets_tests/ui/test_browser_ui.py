@@ -61,6 +61,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_until_up(proc: subprocess.Popen, health_url: str, log: Path) -> None:
+    """Wait (2 min at most) until ``health_url`` answers 200; fail with the server's log."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(health_url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{proc.args[0]} did not start:\n{log.read_text()}")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def webserver(tmp_path_factory: pytest.TempPathFactory, pg_server) -> Iterator[str]:
     """dagster-webserver on an instance holding one materialized, alerting hour."""
@@ -111,19 +126,7 @@ def webserver(tmp_path_factory: pytest.TempPathFactory, pg_server) -> Iterator[s
             stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/server_info", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(
-                    "dagster-webserver did not start:\n" + (home / "webserver.log").read_text()
-                )
-            time.sleep(0.5)
+        _wait_until_up(proc, f"{url}/server_info", home / "webserver.log")
         yield url
         proc.terminate()
         proc.wait(timeout=30)
@@ -232,17 +235,7 @@ def mlflow_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, s
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("mlflow server did not start:\n" + (home / "mlflow.log").read_text())
-        time.sleep(0.5)
+    _wait_until_up(proc, f"{url}/health", home / "mlflow.log")
     yield url, experiment_id
     proc.terminate()
     proc.wait(timeout=30)
