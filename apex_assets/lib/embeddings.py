@@ -227,6 +227,19 @@ def embedding_matrix(frame: pl.DataFrame) -> np.ndarray:
     return matrix.reshape(len(column), width).astype(np.float32, copy=False)
 
 
+def split_xy(
+    joined: pl.DataFrame, split: str, classes: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embedding matrix and class indices (into ``classes``) of one split's rows of a frame
+    with ``split``, ``label`` and ``embedding`` columns: the inputs of a probe or experiment."""
+    rows = joined.filter(pl.col("split") == split)
+    index = {str(c): i for i, c in enumerate(classes)}
+    unknown = set(rows["label"].unique()) - set(index)
+    if unknown:
+        raise ValueError(f"labels {sorted(unknown)} are not among the classes {list(classes)}")
+    return embedding_matrix(rows), np.asarray([index[c] for c in rows["label"]], dtype=np.int64)
+
+
 def rows_to_embed(
     candidates: pl.DataFrame, existing: pl.DataFrame | None, fingerprint: str
 ) -> pl.DataFrame:

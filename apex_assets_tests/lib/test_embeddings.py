@@ -299,3 +299,21 @@ def test_merge_partition_replaces_drops_and_reports_unchanged() -> None:
     assert sorted(shrunk["image_id"]) == ["a", "c"]
     new_only = rows(["x"], "new")
     assert merge_partition(None, new_only, pl.Series(["x"])) is new_only
+
+
+def test_split_xy_gives_one_splits_matrix_and_class_indices():
+    from apex_assets.lib.embeddings import split_xy
+
+    frame = embeddings_frame(
+        ["a", "b", "c"], None, np.arange(6, dtype=np.float32).reshape(3, 2), "fp"
+    ).with_columns(
+        pl.Series("split", ["train", "test", "train"]),
+        pl.Series("label", ["CRACK", "BURR", "NO_DEFECT"]),
+    )
+    x, y = split_xy(frame, "train", ["NO_DEFECT", "BURR", "CRACK"])
+    np.testing.assert_array_equal(x, [[0, 1], [4, 5]])
+    assert y.tolist() == [2, 0] and y.dtype == np.int64
+    x, y = split_xy(frame, "val", ["NO_DEFECT", "BURR", "CRACK"])
+    assert x.shape == (0, 2) and y.tolist() == []
+    with pytest.raises(ValueError, match="CRACK"):
+        split_xy(frame, "train", ["NO_DEFECT", "BURR"])

@@ -201,16 +201,15 @@ def embedding_probe(
     joined, fingerprint = embedded_splits(lake, settings, balanced_splits)
     classes = configured_ontology().class_ids()
     missing = balanced_splits.height - joined.height
-    train = joined.filter(pl.col("split") == "train")
-    test = joined.filter(pl.col("split") == "test")
-    if train.height == 0 or test.height == 0:
+    train_x, train_y = embeddings.split_xy(joined, "train", classes)
+    test_x, test_y = embeddings.split_xy(joined, "test", classes)
+    if len(train_x) == 0 or len(test_x) == 0:
         raise dg.Failure("the train or test split has no embedded image")
-    index = {c: i for i, c in enumerate(classes)}
     result = embeddings.linear_probe(
-        embeddings.embedding_matrix(train),
-        [index[c] for c in train["label"]],
-        embeddings.embedding_matrix(test),
-        [index[c] for c in test["label"]],
+        train_x,
+        train_y,
+        test_x,
+        test_y,
         classes,
         threads=settings.torch_threads,
     )

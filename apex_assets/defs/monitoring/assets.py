@@ -380,36 +380,35 @@ def active_learning_experiment(
     settings = load_settings()
     joined, _ = embedded_splits(lake, settings, balanced_splits)
     classes = configured_ontology().class_ids()
-    pool = joined.filter(pl.col("split") == "train")
-    test = joined.filter(pl.col("split") == "test")
-    if pool.height < 20 or test.height == 0:
+    pool_x, pool_y = embeddings.split_xy(joined, "train", classes)
+    test_x, test_y = embeddings.split_xy(joined, "test", classes)
+    if len(pool_x) < 20 or len(test_x) == 0:
         raise dg.Failure(
-            f"too few embedded images for the experiment (train {pool.height}, test {test.height})"
+            f"too few embedded images for the experiment (train {len(pool_x)}, test {len(test_x)})"
         )
-    index = {c: i for i, c in enumerate(classes)}
     config = active_learning.ExperimentConfig(
-        budgets=experiment_budgets(pool.height, len(classes)),
-        initial=max(len(classes) * 2, pool.height // 50),
+        budgets=experiment_budgets(len(pool_x), len(classes)),
+        initial=max(len(classes) * 2, len(pool_x) // 50),
         seed=settings.train_seed,
         label_cost=settings.label_cost,
     )
     context.log.info(
-        f"active-learning experiment: pool {pool.height}, test {test.height}, "
+        f"active-learning experiment: pool {len(pool_x)}, test {len(test_x)}, "
         f"budgets {config.budgets}, {config.repeats} repeats"
     )
     table = active_learning.run_experiment(
-        embeddings.embedding_matrix(pool),
-        pool["label"].replace_strict(index).to_numpy(),
-        embeddings.embedding_matrix(test),
-        test["label"].replace_strict(index).to_numpy(),
+        pool_x,
+        pool_y,
+        test_x,
+        test_y,
         classes,
         config,
     )
     return dg.Output(
         table,
         metadata={
-            "pool_images": pool.height,
-            "test_images": test.height,
+            "pool_images": len(pool_x),
+            "test_images": len(test_x),
             "table": dg.MetadataValue.md(active_learning.experiment_markdown(table)),
             "chart": png_markdown(
                 active_learning.experiment_plot(
