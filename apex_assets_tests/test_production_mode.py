@@ -151,7 +151,8 @@ def test_dagster_cli_on_postgres_storage_trains_into_an_mlflow_server(
     assert materialized == (1,)
 
     # MLflow: the run and the registered version, through the server and in its PostgreSQL
-    client = mlflow.MlflowClient(url)
+    # name the registry too: an earlier test in this process may have set mlflow's default
+    client = mlflow.MlflowClient(tracking_uri=url, registry_uri=url)
     (version,) = client.search_model_versions("name = 'visual_quality_inspector'")
     run = client.get_run(version.run_id)
     assert run.data.params["arch"] == "resnet10t" and run.info.status == "FINISHED"
