@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import mlflow
 import psycopg
 import pytest
 
 from apex_assets.lib import source_db
+from apex_assets.lib.serving_process import free_port
 from apex_assets_tests.defs.test_ml_assets import neu_home  # noqa: F401  (fixture)
+from apex_assets_tests.servers import wait_until_up
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -39,19 +38,13 @@ def _psycopg2(uri: str) -> str:
     return uri.replace("postgresql://", "postgresql+psycopg2://", 1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def mlflow_server(pg_server, tmp_path: Path) -> Iterator[tuple[str, str]]:
     """``mlflow server`` with a PostgreSQL backend store: (URL, store URI)."""
     name = f"mlflow_{os.getpid()}"
     source_db.ensure_database(pg_server.get_uri(), name)
     store = pg_server.get_uri(name)
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "mlflow.log"
     proc = subprocess.Popen(
         [
@@ -72,17 +65,7 @@ def mlflow_server(pg_server, tmp_path: Path) -> Iterator[tuple[str, str]]:
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"mlflow server did not start:\n{log.read_text()}")
-        time.sleep(0.5)
+    wait_until_up(proc, f"{url}/health", log)
     yield url, store
     proc.terminate()
     proc.wait(timeout=30)

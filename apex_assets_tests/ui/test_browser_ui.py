@@ -16,21 +16,20 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
-import httpx
 import pytest
 
 from apex_assets.config import load_settings
 from apex_assets.defs.monitoring.assets import monitoring_metrics
 from apex_assets.defs.resources import build_resources
+from apex_assets.lib.serving_process import free_port
 from apex_assets_tests.defs.test_monitoring_assets import KEY, insert_hour
+from apex_assets_tests.servers import wait_until_up
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 #: The flags the machine notes give: no sandbox as root, no GPU, no calls to Google's hosts.
@@ -53,27 +52,6 @@ pytestmark = [
         CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)"
     ),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until_up(proc: subprocess.Popen, health_url: str, log: Path) -> None:
-    """Wait (2 min at most) until ``health_url`` answers 200; fail with the server's log."""
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(health_url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"{proc.args[0]} did not start:\n{log.read_text()}")
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +87,7 @@ def webserver(tmp_path_factory: pytest.TempPathFactory, pg_server) -> Iterator[s
                 raise_on_error=False,
             )
         assert result.asset_materializations_for_node("monitoring_metrics")
-        port = _free_port()
+        port = free_port()
         log = (home / "webserver.log").open("w")
         proc = subprocess.Popen(
             [
@@ -126,7 +104,7 @@ def webserver(tmp_path_factory: pytest.TempPathFactory, pg_server) -> Iterator[s
             stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"
-        _wait_until_up(proc, f"{url}/server_info", home / "webserver.log")
+        wait_until_up(proc, f"{url}/server_info", home / "webserver.log")
         yield url
         proc.terminate()
         proc.wait(timeout=30)
@@ -216,7 +194,7 @@ def mlflow_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, s
         client.log_metric(run.info.run_id, name, value)
     client.log_param(run.info.run_id, "arch", "resnet18")
     client.set_terminated(run.info.run_id)
-    port = _free_port()
+    port = free_port()
     log = (home / "mlflow.log").open("w")
     proc = subprocess.Popen(
         [
@@ -235,7 +213,7 @@ def mlflow_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, s
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    _wait_until_up(proc, f"{url}/health", home / "mlflow.log")
+    wait_until_up(proc, f"{url}/health", home / "mlflow.log")
     yield url, experiment_id
     proc.terminate()
     proc.wait(timeout=30)
