@@ -12,11 +12,15 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 
 from apex_assets.lib import source_db
+
+if TYPE_CHECKING:
+    from apex_assets_tests.serving.conftest import ModelPackages
 
 NEU_DET_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "neu-det"
 _db_counter = itertools.count()
@@ -48,6 +52,24 @@ def neu_det_dir() -> Path:
     if not (NEU_DET_DIR / "images").is_dir():
         pytest.skip(f"NEU-DET data set not found at {NEU_DET_DIR}")
     return NEU_DET_DIR
+
+
+@pytest.fixture(scope="session")
+def neu_jpeg(neu_det_dir: Path) -> bytes:
+    """A real 200x200 NEU-DET camera JPEG (what the serving and fault tests post)."""
+    first = sorted((neu_det_dir / "images").glob("*.jpg"))[0]
+    return first.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def model_packages(tmp_path_factory: pytest.TempPathFactory) -> ModelPackages:
+    """Random-weights production and shadow model packages (see ``serving/conftest.py``).
+
+    Here, not in ``serving/``, so the serving tests and the fault tests share one build.
+    """
+    from apex_assets_tests.serving.conftest import build_model_packages
+
+    return build_model_packages(tmp_path_factory.mktemp("packages"))
 
 
 @pytest.fixture(scope="session")

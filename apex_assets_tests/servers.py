@@ -1,9 +1,14 @@
-"""Helpers for tests that start a real server process (dagster-webserver, mlflow server)."""
+"""Helpers for tests that start a real server process (dagster-webserver, mlflow server,
+`apex serve`)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -25,3 +30,61 @@ def wait_until_up(
             proc.kill()
             pytest.fail(f"{proc.args[0]} did not start:\n{log.read_text()}")
         time.sleep(0.5)
+
+
+def stop_postmaster(pg_dir: Path, timeout_s: float = 15.0) -> None:
+    """Fast-stop the embedded PostgreSQL running on ``pg_dir`` (``apex serve`` starts it outside
+    the process group, and a worker killed without its atexit hook would leave it running)."""
+    pid_file = pg_dir / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    try:
+        os.kill(pid, signal.SIGINT)  # PostgreSQL's "fast" shutdown
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def apex_serve(
+    args: Sequence[str],
+    *,
+    env: dict[str, str],
+    log: Path,
+    pg_dir: Path,
+    request: pytest.FixtureRequest,
+    ready_timeout_s: float,
+):
+    """``apex serve ARGS`` for the block: started (or the test fails with why), then stopped with
+    the PostgreSQL it started; the log's tail is printed when a test failed meanwhile."""
+    from apex_assets.lib.serving_process import ServingProcess, ServingStartError
+
+    failed_before = request.session.testsfailed
+    try:
+        process = ServingProcess.start(
+            list(args), env=env, log=log, ready_timeout_s=ready_timeout_s
+        )
+    except ServingStartError as exc:
+        stop_postmaster(pg_dir)
+        pytest.fail(str(exc))
+    try:
+        yield process
+    finally:
+        process.stop()
+        # the postmaster may have been restarted by the test: stop whichever runs on the folder
+        stop_postmaster(pg_dir)
+        if request.session.testsfailed > failed_before:
+            reporter = request.config.pluginmanager.getplugin("terminalreporter")
+            if reporter is not None:
+                reporter.write_line(f"\n--- tail of {log} ---\n{process.log_tail()}")
+
+
+__all__ = ["apex_serve", "stop_postmaster", "wait_until_up"]

@@ -25,7 +25,10 @@ in :mod:`apex_assets.lib.serving_core`; this module is HTTP and scheduling only:
 - **Logging**: every prediction goes to ``inspection.predictions`` and every production
   ``HUMAN_REVIEW`` to ``inspection.human_review_queue`` through a background writer thread
   (:class:`~apex_assets.lib.prediction_log.PredictionLogger`), spooled to disk when PostgreSQL is
-  unreachable, so the response never waits for the database.
+  unreachable, so the response never waits for the database. ``/metrics`` shows where the
+  records went (``apex_prediction_log_records_total{state=written|spooled|replayed|rejected|
+  dropped}``), ``apex_prediction_log_write_errors_total``, the queue depth and
+  ``apex_prediction_log_spool_files`` (above 0: the log is degraded or catching up).
 - **Operations**: ``/metrics`` (Prometheus; ``apex_request_latency_seconds`` has buckets around
   the 200 ms SLO), ``/readyz`` (models loaded and the camera registry known), ``/livez``;
   ``X-API-Key`` when ``APEX_API_KEY`` is set (the health and metrics endpoints stay open for
@@ -62,6 +65,11 @@ ROUTE = "/api/v1/ml/predict/visual-inspection"
 SLO_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.5, 1.0, 2.5)
 #: Room for multipart boundaries and the id fields around an image of the byte limit.
 _MULTIPART_OVERHEAD = 64 * 1024
+#: Most seconds between two updates of the prediction-log metrics (a Prometheus scrape every
+#: 15 s then never sees values older than this, even when APEX_SERVING_REFRESH_S is a minute).
+LOG_STATS_EVERY_S = 5.0
+#: ``PredictionLogger.stats()`` counters exported as ``apex_prediction_log_records_total``.
+LOG_RECORD_STATES = ("written", "spooled", "replayed", "rejected", "dropped")
 
 _SETTINGS = load_settings()
 #: Build arguments of a bento (``deployed_bento``): ``production_model`` and ``shadow_model``
@@ -112,6 +120,33 @@ class _Metrics:
             "apex_auto_pass_paused",
             "1 while monitoring has paused auto-pass (every PASS goes to human review)",
             multiprocess_mode="max",
+        )
+        # The prediction log (see PredictionLogger.stats). Counters, since BentoML runs
+        # Prometheus in multiprocess mode: each worker adds its own increments, and a worker
+        # that was restarted keeps what it counted. Gauges say how they combine across workers.
+        self.log_records = Counter(
+            "apex_prediction_log_records",
+            "Prediction-log records by where they went: written (from the queue), spooled (to "
+            "disk: PostgreSQL unreachable), replayed (from the spool), rejected (refused, kept in "
+            "rejected.jsonl), dropped (lost: even the spool write failed)",
+            ["state"],
+        )
+        for state in LOG_RECORD_STATES:  # every series exists from the start, at 0
+            self.log_records.labels(state)
+        self.log_write_errors = Counter(
+            "apex_prediction_log_write_errors",
+            "Failed connects, writes and replays of the prediction log (PostgreSQL trouble)",
+        )
+        self.log_queue_depth = Gauge(
+            "apex_prediction_log_queue_depth",
+            "Records waiting in memory for the prediction-log writer, all workers",
+            multiprocess_mode="livesum",
+        )
+        self.log_spool_files = Gauge(
+            "apex_prediction_log_spool_files",
+            "Spool files waiting for replay; above 0 the prediction log is degraded (PostgreSQL "
+            "unreachable or catching up)",
+            multiprocess_mode="livemax",  # one folder shared by the workers: not a sum
         )
 
 
@@ -286,6 +321,11 @@ class VisualInspection:
         self._start_logger()
         self._refresh_registry()
         self._background: set[asyncio.Task] = set()
+        self._log_published = dict.fromkeys((*LOG_RECORD_STATES, "write_errors"), 0)
+        self._stopping = threading.Event()
+        threading.Thread(
+            target=self._publish_log_stats_loop, name="prediction-log-metrics", daemon=True
+        ).start()
 
     # -- infrastructure -------------------------------------------------------------------
     def _source_uri(self) -> str:
@@ -339,6 +379,35 @@ class VisualInspection:
         self.predictor.auto_pass_paused = paused is not None
         self.metrics.auto_pass_paused.set(1 if paused else 0)
 
+    def _publish_log_stats(self) -> None:
+        """Copy the prediction logger's counters into the Prometheus metrics.
+
+        Counters get the increase since the last call (one publishing thread: no race).
+        """
+        stats = self._logger.stats()
+        for name, published in self._log_published.items():
+            delta = stats[name] - published
+            if delta > 0:
+                if name == "write_errors":
+                    self.metrics.log_write_errors.inc(delta)
+                else:
+                    self.metrics.log_records.labels(name).inc(delta)
+                self._log_published[name] = stats[name]
+        self.metrics.log_queue_depth.set(stats["queue_depth"])
+        self.metrics.log_spool_files.set(self._logger.spool_files_pending())
+
+    def _publish_log_stats_loop(self) -> None:
+        """Why a thread of its own: the registry refresh runs only when requests come, and an
+        operator must see the log catch up (or not) after an outage on a quiet line too."""
+        every = max(0.5, min(self.settings.serving_refresh_s, LOG_STATS_EVERY_S))
+        while True:
+            try:
+                self._publish_log_stats()
+            except Exception:
+                log.exception("cannot publish the prediction-log metrics")
+            if self._stopping.wait(every):
+                return
+
     def _known_cameras(self) -> frozenset[str]:
         if time.monotonic() - self._registry_loaded_at > self.settings.serving_refresh_s:
             threading.Thread(target=self._refresh_registry, daemon=True).start()
@@ -354,6 +423,7 @@ class VisualInspection:
 
     @bentoml.on_shutdown
     def _close(self) -> None:
+        self._stopping.set()
         if self._logger is not None:
             self._logger.close()
 

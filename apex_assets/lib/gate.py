@@ -37,6 +37,7 @@ Boundaries
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -264,3 +265,72 @@ def evaluate_gate(
     ]
     checks.append(_frr_check(report, thresholds.max_false_reject_rate))
     return GateResult(passed=not any(c.status == FAIL for c in checks), checks=tuple(checks))
+
+
+_WHAT = {
+    "overall_precision": ("macro precision", ">="),
+    "overall_recall": ("macro recall", ">="),
+    "false_reject_rate": ("false-reject rate", "<="),
+}
+
+
+def rejudge(checks: Sequence[Mapping[str, Any]], thresholds: GateThresholds) -> GateResult:
+    """The values a gate measured (``GateResult.to_dict()["checks"]``) against other thresholds.
+
+    Why: a demo (or a what-if in a review) judges a model with one bar and wants to say what
+    another bar would have decided, without re-evaluating the model. The rules stay the gate's:
+    a missing value fails, a check that did not apply stays not applicable, and a critical class
+    the new thresholds do not name is dropped (one they name that was never measured fails).
+    """
+    out: list[GateCheck] = []
+    seen: set[str] = set()
+    for check in checks:
+        name = str(check["name"])
+        seen.add(name)
+        value = check.get("value")
+        if name.startswith("recall[") and name.endswith("]"):
+            class_id = name[len("recall[") : -1]
+            if class_id not in thresholds.critical_recall:
+                continue
+            threshold, what, comparison = (
+                float(thresholds.critical_recall[class_id]),
+                f"{class_id} family recall",
+                ">=",
+            )
+        elif name in _WHAT:
+            what, comparison = _WHAT[name]
+            threshold = {
+                "overall_precision": thresholds.min_precision,
+                "overall_recall": thresholds.min_recall,
+                "false_reject_rate": thresholds.max_false_reject_rate,
+            }[name]
+        else:
+            raise ValueError(f"unknown gate check {name!r}")
+        if check.get("status") == NOT_APPLICABLE:
+            out.append(
+                GateCheck(name, None, threshold, comparison, NOT_APPLICABLE, str(check["detail"]))
+            )
+            continue
+        judged = _compare(
+            name, what, None if value is None else float(value), threshold, comparison
+        )
+        old_detail = str(check.get("detail", ""))
+        if name.startswith("recall[") and " (" in old_detail and judged.value is not None:
+            # keep what the stored check said of its support and members
+            judged = dataclasses.replace(
+                judged, detail=judged.detail + old_detail[old_detail.index(" (") :]
+            )
+        out.append(judged)
+    for class_id, share in thresholds.critical_recall.items():
+        if f"recall[{class_id}]" not in seen:
+            out.append(
+                GateCheck(
+                    f"recall[{class_id}]",
+                    None,
+                    float(share),
+                    ">=",
+                    FAIL,
+                    f"{class_id} family recall was not measured",
+                )
+            )
+    return GateResult(passed=not any(c.status == FAIL for c in out), checks=tuple(out))

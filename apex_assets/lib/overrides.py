@@ -25,6 +25,7 @@ __all__ = [
     "CRITICAL_MISS",
     "FALSE_REJECT",
     "OTHER",
+    "inspector_override",
     "kind_expr",
     "override_kind",
     "verdict",
@@ -114,3 +115,33 @@ def kind_expr(
         .then(pl.lit(CLASS_CONFUSION))
         .otherwise(pl.lit(OTHER))
     )
+
+
+def inspector_override(
+    answer: str | None,
+    answered_class: str | None,
+    true_class: str,
+    no_defect_class: str = "NO_DEFECT",
+) -> tuple[str, str] | None:
+    """What an inspector who sees the part writes when the model's answer was wrong.
+
+    ``answer`` is the served decision (``PASS`` / ``FAIL`` / ``HUMAN_REVIEW``),
+    ``answered_class`` its top class, ``true_class`` what the part really has. Returns the
+    override's ``(model_prediction, inspector_decision)`` or None when there is nothing to
+    overturn: the answer was right, or the model left the part to a person (a review, not an
+    override). A missed defect is written with its class (the most useful label: curation turns
+    it into an annotation), a false reject with ``PASS``, a wrong defect class with both classes,
+    so :func:`override_kind` reads them as critical miss, false reject and class confusion.
+    """
+    decision = verdict(answer)
+    if decision is None or _norm(answer) not in ("PASS", "FAIL"):
+        return None
+    good = _norm(true_class) == _norm(no_defect_class)
+    if decision == "PASS":
+        return None if good else ("PASS", true_class)
+    model_value = answered_class if answered_class and verdict(answered_class) == "FAIL" else "FAIL"
+    if good:
+        return (model_value, "PASS")
+    if model_value != "FAIL" and _norm(model_value) != _norm(true_class):
+        return (model_value, true_class)
+    return None

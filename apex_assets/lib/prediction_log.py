@@ -526,6 +526,14 @@ class PredictionLogger:
         out["queue_depth"] = self._queue.qsize()
         return out
 
+    def spool_files_pending(self) -> int:
+        """Spool files waiting for a replay (any worker's): 0 when the log is all in PostgreSQL.
+
+        Why not in :meth:`stats`: the spool folder is shared by every worker process, so this is
+        one number for the service, not a count of this logger's own.
+        """
+        return len(self._pending_spool_files())
+
     # -- helpers shared by both sides ---------------------------------------------------------
     def _count(self, name: str, n: int = 1) -> None:
         with self._count_lock:

@@ -9,6 +9,8 @@ testable here without Dagster:
 - Resumable: a run killed half-way (node pre-empted, deploy restarted the code server) picks
   up from ``last.ckpt`` when config and data are unchanged, and continues the same MLflow run;
   anything else starts fresh, so last week's checkpoint never leaks into this week's model.
+  ``on_checkpoint`` is handed every epoch's resume files once they are on disk, so a caller
+  can keep them off the machine (``lib.checkpoint_sync`` mirrors them to the lake).
 - Scalable by config: accelerator, devices, strategy (DDP), nodes and precision go straight
   to ``lightning.Trainer`` (ARCHITECTURE section 3, "nothing home-made").
 - Nothing lost: unreadable images are skipped, counted and logged (``failed_images.json``).
@@ -295,6 +297,35 @@ class ProgressCallback(Callback):
             log.info(message)
 
 
+class _LastCheckpoint(ModelCheckpoint):
+    """The per-epoch ``last.ckpt``; ``on_saved(epoch)`` runs once the file is on disk.
+
+    Why a subclass: Lightning runs every ModelCheckpoint after the other callbacks, so no
+    plain callback sees the file of the epoch that just ended. ``_save_checkpoint`` is the
+    single place both save paths (train-epoch end, validation end) write through.
+    """
+
+    def __init__(self, *args: Any, on_saved: Callable[[int], None] | None = None, **kw: Any):
+        super().__init__(*args, **kw)
+        self.on_saved = on_saved
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles the trainer: a hook that cannot travel (it holds an S3 client)
+        # is dropped, loudly, rather than failing the run.
+        state = dict(self.__dict__)
+        try:
+            pickle.dumps(state["on_saved"])
+        except Exception:
+            log.warning("on_checkpoint cannot be pickled for the spawned workers; not called")
+            state["on_saved"] = None
+        return state
+
+    def _save_checkpoint(self, trainer: lightning.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if self.on_saved is not None and trainer.is_global_zero:
+            self.on_saved(trainer.current_epoch + 1)
+
+
 def _to_float(value: Any) -> float:
     if isinstance(value, torch.Tensor):
         return float(value.detach().cpu().float().item())
@@ -577,6 +608,7 @@ def train_classifier(
     parent_run_id: str | None = None,
     resume: bool = True,
     progress: Callable[[str], None] | None = None,
+    on_checkpoint: Callable[[int, list[Path]], None] | None = None,
 ) -> TrainResult:
     """Train ``cfg.arch`` on the train split, select on val, log to MLflow, optionally register.
 
@@ -588,6 +620,11 @@ def train_classifier(
 
     When a launcher runs this once per rank (torchrun, SLURM), only global rank 0 logs to
     MLflow, registers and manages ``checkpoint_dir``; other ranks return ``run_id=""``.
+
+    ``on_checkpoint(epoch, files)`` is called on rank 0 after each epoch's ``last.ckpt`` is
+    written, with the epochs done and every file a resume needs (``last.ckpt``, the best
+    checkpoint, the fingerprint and MLflow run-id files): put those back into an emptied
+    ``checkpoint_dir`` and the next call resumes. An exception from it stops the run.
     """
     wall_start = time.perf_counter()
     say = progress or log.info
@@ -702,12 +739,29 @@ def train_classifier(
         # Lightning 2.6 refreshes `save_last` only in epochs that improved the monitor, so a
         # killed run would resume from its best epoch, not its latest: a monitor-less
         # checkpoint named "last" is written after every epoch instead.
-        last_cb = ModelCheckpoint(
+        # It runs after `checkpoint_cb` (Lightning keeps their order), so the best checkpoint
+        # handed to `on_checkpoint` is the one `last.ckpt` records.
+        saved_hook: Callable[[int], None] | None = None
+        if on_checkpoint is not None and owner:
+            hook = on_checkpoint
+
+            def saved_hook(epoch: int) -> None:
+                best = checkpoint_cb.best_model_path
+                files = [
+                    last_ckpt,
+                    *([Path(best)] if best else []),
+                    checkpoint_dir / FINGERPRINT_FILE,
+                    checkpoint_dir / RUN_ID_FILE,
+                ]
+                hook(epoch, [f for f in files if f.is_file()])
+
+        last_cb = _LastCheckpoint(
             dirpath=checkpoint_dir,
             filename=LAST_CKPT.removesuffix(".ckpt"),
             monitor=None,
             save_top_k=1,
             enable_version_counter=False,
+            on_saved=saved_hook,
         )
         callbacks: list[Callback] = [
             EarlyStopping(monitor=cfg.monitor, patience=cfg.patience, mode=mode),

@@ -57,7 +57,7 @@ import datetime as dt
 import math
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -83,6 +83,7 @@ __all__ = [
     "PATTERNS",
     "Incident",
     "LineSummary",
+    "inspect_served",
     "model_classes",
     "simulate_line",
     "weekly_override_quota",
@@ -743,3 +744,65 @@ def write_overrides(
                 inserted += max(cur.rowcount, 0)
         conn.commit()
     return inserted
+
+
+#: How long after the model's answer the demo's inspector writes an override.
+INSPECTION_DELAY = dt.timedelta(seconds=30)
+
+
+def inspect_served(
+    uri: str,
+    truth: Mapping[str, str],
+    *,
+    since: dt.datetime,
+    inspector_id: str = "INS-DEMO",
+    no_defect_class: str = NO_DEFECT,
+) -> dict[str, int]:
+    """Inspectors check the parts a served model answered since ``since`` and overturn the wrong
+    answers; returns ``{kind: overrides inserted}`` (kinds of :mod:`apex_assets.lib.overrides`).
+
+    ``truth`` maps an image id to the part's true class. Only production rows count (a shadow
+    model's answer reached nobody); a ``HUMAN_REVIEW`` is a person's decision already, not an
+    override. Each override's id is derived from the prediction it overturns, so a re-run inserts
+    nothing twice.
+    """
+    from apex_assets.lib.overrides import inspector_override, override_kind
+
+    since = _utc(since, "since")
+    ids = [uuid.UUID(str(i)) for i in truth]
+    by_id = {str(uuid.UUID(str(i))): c for i, c in truth.items()}
+    counts: dict[str, int] = {}
+    with psycopg.connect(uri) as conn:
+        rows = conn.execute(
+            "SELECT prediction_id, image_id, prediction, predicted_class, model_version,"
+            " predicted_at FROM inspection.predictions"
+            " WHERE NOT is_shadow AND predicted_at >= %s AND image_id = ANY(%s)"
+            " ORDER BY predicted_at, prediction_id",
+            (since, ids),
+        ).fetchall()
+        with conn.cursor() as cur:
+            for prediction_id, image_id, answer, answered_class, version, at in rows:
+                values = inspector_override(
+                    answer, answered_class, by_id[str(image_id)], no_defect_class
+                )
+                if values is None:
+                    continue
+                cur.execute(
+                    "INSERT INTO inspection.inspection_overrides (override_id, image_id,"
+                    " model_prediction, inspector_decision, inspector_id, override_timestamp,"
+                    " model_version) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (override_id) DO NOTHING",
+                    (
+                        stable_uuid("inspect_served", str(prediction_id)),
+                        image_id,
+                        *values,
+                        inspector_id,
+                        at + INSPECTION_DELAY,
+                        version,
+                    ),
+                )
+                if cur.rowcount > 0:
+                    kind = override_kind(*values)
+                    counts[kind] = counts.get(kind, 0) + 1
+        conn.commit()
+    return counts

@@ -160,3 +160,32 @@ def test_a_low_confidence_day_warns_and_starts_one_investigation(env, tmp_path) 
             dg.build_sensor_context(instance=instance, cursor=tick.cursor, resources=resources)
         )
         assert not later.run_requests
+
+
+def test_schedule_materializes_the_hour_that_ended_and_the_running_hour_is_a_partition() -> None:
+    """The partitions include the hour in progress (an operator, or the demo, can look at the
+    line so far), but five past the hour the schedule still asks for the hour that ended."""
+    from apex_assets.definitions import build_definitions
+    from apex_assets.defs.automation.monitoring import monitoring_schedule
+    from apex_assets.defs.monitoring.assets import hourly_partitions
+
+    repo = build_definitions(load_settings()).get_repository_def()
+
+    assert monitoring_schedule.cron_schedule == "5 * * * *"
+    assert monitoring_schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    ctx = dg.build_schedule_context(
+        scheduled_execution_time=dt.datetime(2026, 12, 5, 7, 5, tzinfo=dt.UTC), repository_def=repo
+    )
+    (request,) = monitoring_schedule.evaluate_tick(ctx).run_requests
+    assert request.partition_key == "2026-12-05-06:00"
+    assert request.run_key == "2026-12-05-06:00"
+    midnight = dt.datetime(2026, 12, 6, 0, 5, tzinfo=dt.UTC)
+    (request,) = monitoring_schedule.evaluate_tick(
+        dg.build_schedule_context(scheduled_execution_time=midnight, repository_def=repo)
+    ).run_requests
+    assert request.partition_key == "2026-12-05-23:00"  # across midnight
+    now = dt.datetime.now(dt.UTC)
+    running = now.strftime("%Y-%m-%d-%H:00")
+    assert hourly_partitions.has_partition_key(running)
+    later = (now + dt.timedelta(hours=2)).strftime("%Y-%m-%d-%H:00")
+    assert not hourly_partitions.has_partition_key(later)

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from apex_assets.lib.gate import GateResult, GateThresholds, evaluate_gate
+from apex_assets.lib.gate import GateResult, GateThresholds, evaluate_gate, rejudge
 from apex_assets.lib.metrics import EvaluationReport, evaluate_predictions
 
 CLASSES = ("NO_DEFECT", "SCRATCH", "CRACK")
@@ -251,3 +251,42 @@ def test_to_dict_and_markdown() -> None:
     assert "| recall[CRACK] | 0.9900 | >= 0.99 | pass |" in text
     passed = evaluate_gate(report_from_confusion(GOOD), DEFAULTS, FAMILIES).to_markdown()
     assert passed.startswith("**Deployment gate: PASSED**")
+
+
+def test_rejudge_gives_the_same_verdict_as_evaluating_with_those_thresholds() -> None:
+    """A model judged with a looser bar, then re-judged against the defaults from its stored
+    checks alone, gets exactly what evaluate_gate with the defaults gives."""
+    # ND [15, 5, 0] FRR 0.25; CRK [0, 10, 90] crack recall 0.90
+    report = report_from_confusion([[15, 5, 0], [0, 20, 0], [0, 10, 90]])
+    loose = GateThresholds(
+        min_precision=0.8, min_recall=0.8, critical_recall={"CRACK": 0.9}, max_false_reject_rate=0.3
+    )
+    judged = evaluate_gate(report, loose, FAMILIES)
+    assert judged.passed
+    stored = json.loads(json.dumps(judged.to_dict()))["checks"]
+    again = rejudge(stored, DEFAULTS)
+    direct = evaluate_gate(report, DEFAULTS, FAMILIES)
+    assert not again.passed
+    assert again == direct
+    assert {c.name for c in again.failures} == {
+        "overall_precision",
+        "overall_recall",
+        "recall[CRACK]",
+        "false_reject_rate",
+    }
+    assert rejudge(stored, loose) == judged  # round trip
+
+
+def test_rejudge_fails_closed() -> None:
+    report = report_from_confusion(GOOD)
+    stored = evaluate_gate(report, DEFAULTS, FAMILIES).to_dict()["checks"]
+    # a critical class the stored gate never measured fails; one not asked for is dropped
+    more = dataclasses.replace(DEFAULTS, critical_recall={"CRACK": 0.99, "BURR": 0.9})
+    result = rejudge(stored, more)
+    assert statuses(result)["recall[BURR]"] == "fail" and not result.passed
+    fewer = dataclasses.replace(DEFAULTS, critical_recall={})
+    assert "recall[CRACK]" not in statuses(rejudge(stored, fewer))
+    missing = [{**c, "value": None} if c["name"] == "overall_recall" else c for c in stored]
+    assert statuses(rejudge(missing, DEFAULTS))["overall_recall"] == "fail"
+    with pytest.raises(ValueError, match="unknown gate check"):
+        rejudge([{"name": "accuracy", "value": 1.0, "status": "pass"}], DEFAULTS)

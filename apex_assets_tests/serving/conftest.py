@@ -33,8 +33,9 @@ class ModelPackages:
     shadow: Path
 
 
-@pytest.fixture(scope="session")
-def model_packages(tmp_path_factory: pytest.TempPathFactory) -> ModelPackages:
+def build_model_packages(root: Path) -> ModelPackages:
+    """Both packages under ``root``; the session fixture ``model_packages`` (in the top-level
+    conftest, so the fault tests share the same build) calls it once."""
     import torch
 
     from apex_assets_tests.lib.test_serving_model import make_package
@@ -42,7 +43,6 @@ def model_packages(tmp_path_factory: pytest.TempPathFactory) -> ModelPackages:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        root = tmp_path_factory.mktemp("packages")
         production = root / f"v{PRODUCTION_VERSION}"
         shadow = root / f"v{SHADOW_VERSION}"
         make_package(production, arch="resnet10t", size=48, version=PRODUCTION_VERSION)
@@ -50,13 +50,6 @@ def model_packages(tmp_path_factory: pytest.TempPathFactory) -> ModelPackages:
     finally:
         torch.set_num_threads(before)
     return ModelPackages(production=production, shadow=shadow)
-
-
-@pytest.fixture(scope="session")
-def neu_jpeg(neu_det_dir: Path) -> bytes:
-    """A real 200x200 NEU-DET camera JPEG."""
-    first = sorted((neu_det_dir / "images").glob("*.jpg"))[0]
-    return first.read_bytes()
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ import concurrent.futures
 import datetime as dt
 import os
 import re
-import signal
 import threading
 import time
 import uuid
@@ -30,7 +29,8 @@ import pytest
 
 from apex_assets.lib.ontology import NO_DEFECT, load_ontology
 from apex_assets.lib.postprocess import ACTIONS, PREDICTIONS
-from apex_assets.lib.serving_process import ServingProcess, ServingStartError
+from apex_assets.lib.serving_process import ServingProcess
+from apex_assets_tests.servers import apex_serve
 from apex_assets_tests.serving.conftest import (
     MAX_IMAGE_PIXELS,
     PNG_SIZE,
@@ -93,27 +93,6 @@ def _server_env(home: Path) -> dict[str, str]:
     return env
 
 
-def _stop_postmaster(pg_dir: Path, timeout_s: float = 15.0) -> None:
-    """Fast-stop the embedded PostgreSQL the server started (it runs outside the process
-    group, and a worker killed without its atexit hook would leave it running)."""
-    pid_file = pg_dir / "postmaster.pid"
-    try:
-        pid = int(pid_file.read_text().splitlines()[0])
-    except (OSError, ValueError, IndexError):
-        return
-    try:
-        os.kill(pid, signal.SIGINT)  # PostgreSQL's "fast" shutdown
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def server(
     model_packages: ModelPackages,
@@ -124,24 +103,15 @@ def server(
     log_path = home / "serve.log"
     args = ["--model", str(model_packages.production), "--shadow", str(model_packages.shadow)]
     args += ["--workers", "1", "--threads", "1"]
-    failed_before = request.session.testsfailed
-    try:
-        process = ServingProcess.start(
-            args, env=_server_env(home), log=log_path, ready_timeout_s=READY_TIMEOUT_S
-        )
-    except ServingStartError as exc:
-        _stop_postmaster(home / "pg")
-        pytest.fail(str(exc))
-    srv = Server(url=process.url, home=home, log=log_path, process=process)
-    try:
-        yield srv
-    finally:
-        process.stop()
-        _stop_postmaster(home / "pg")
-        if request.session.testsfailed > failed_before:
-            reporter = request.config.pluginmanager.getplugin("terminalreporter")
-            if reporter is not None:
-                reporter.write_line(f"\n--- tail of {log_path} ---\n{srv.log_tail()}")
+    with apex_serve(
+        args,
+        env=_server_env(home),
+        log=log_path,
+        pg_dir=home / "pg",
+        request=request,
+        ready_timeout_s=READY_TIMEOUT_S,
+    ) as process:
+        yield Server(url=process.url, home=home, log=log_path, process=process)
 
 
 @pytest.fixture(scope="module")

@@ -485,3 +485,52 @@ def test_bad_arguments():
         simulate_line("postgresql://unused", end=dt.datetime(2026, 7, 6))
     with pytest.raises(ValueError, match="weeks"):
         simulate_line("postgresql://unused", end=END, weeks=0)
+
+
+def test_inspect_served_overturns_wrong_production_answers_once(source_db_uri):
+    """Served answers (as the service logs them) against the parts' true classes: a missed crack,
+    a false reject, a wrong class, a right answer, a review, a shadow row and an old row."""
+    from apex_assets.simulator.line import inspect_served
+
+    uri = source_db_uri
+    now = dt.datetime(2026, 12, 5, 6, 30, tzinfo=dt.UTC)
+    ids = [str(source_db.stable_uuid("served", str(k))) for k in range(6)]
+    rows = [  # image, shadow, prediction, class, at
+        (ids[0], False, "PASS", "NO_DEFECT", now),  # truth CRACK: critical miss
+        (ids[1], False, "FAIL", "SURFACE_SCRATCH", now),  # truth NO_DEFECT: false reject
+        (ids[2], False, "FAIL", "SURFACE_SCRATCH", now),  # truth SURFACE_PIT: class confusion
+        (ids[3], False, "FAIL", "CRACK", now),  # truth CRACK: right
+        (ids[4], False, "HUMAN_REVIEW", "CRACK", now),  # a person decides: no override
+        (ids[3], True, "PASS", "NO_DEFECT", now),  # shadow row: reached nobody
+        (ids[5], False, "PASS", "NO_DEFECT", now - dt.timedelta(hours=2)),  # before `since`
+    ]
+    truth = dict(
+        zip(ids, ["CRACK", "NO_DEFECT", "SURFACE_PIT", "CRACK", "NO_DEFECT", "BURR"], strict=True)
+    )
+    with psycopg.connect(uri) as conn:
+        for k, (image_id, shadow, prediction, cls, at) in enumerate(rows):
+            conn.execute(
+                "INSERT INTO inspection.predictions (prediction_id, image_id, model_version,"
+                " is_shadow, prediction, predicted_class, predicted_at) VALUES"
+                " (%s, %s, %s, %s, %s, %s, %s)",
+                (source_db.stable_uuid("p", str(k)), image_id, "2" if shadow else "1", shadow,
+                 prediction, cls, at),
+            )  # fmt: skip
+    since = now - dt.timedelta(minutes=5)
+    counts = inspect_served(uri, truth, since=since, inspector_id="INS-9")
+    assert counts == {"critical_miss": 1, "false_reject": 1, "class_confusion": 1}
+    got = _query(
+        uri,
+        "SELECT image_id::text, model_prediction, inspector_decision, inspector_id, model_version,"
+        " override_timestamp FROM inspection.inspection_overrides ORDER BY inspector_decision",
+    )
+    late = now + dt.timedelta(seconds=30)
+    assert sorted(got) == sorted(
+        [
+            (ids[0], "PASS", "CRACK", "INS-9", "1", late),
+            (ids[1], "SURFACE_SCRATCH", "PASS", "INS-9", "1", late),
+            (ids[2], "SURFACE_SCRATCH", "SURFACE_PIT", "INS-9", "1", late),
+        ]
+    )
+    assert inspect_served(uri, truth, since=since, inspector_id="INS-9") == {}  # re-run: nothing
+    assert len(_query(uri, "SELECT 1 FROM inspection.inspection_overrides")) == 3

@@ -42,13 +42,29 @@ active_learning_experiment_job = dg.define_asset_job(
     description="Compare labelling strategies at several budgets on the curated embeddings.",
 )
 
-monitoring_schedule = dg.build_schedule_from_partitioned_job(
-    monitoring_job,
+
+def hour_that_ended(scheduled: dt.datetime) -> str:
+    """The partition key of the hour before ``scheduled`` (the partitions include the hour in
+    progress, so the last partition is not the one to materialize)."""
+    from apex_assets.defs.monitoring.assets import hourly_partitions
+
+    return hourly_partitions.get_partition_key_for_timestamp(
+        (scheduled - dt.timedelta(hours=1)).timestamp()
+    )
+
+
+@dg.schedule(
     name="monitoring_schedule",
-    minute_of_hour=5,
+    cron_schedule="5 * * * *",
+    job=monitoring_job,
+    execution_timezone=load_settings().partition_timezone,
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Five past every hour: the last hour's line health and alerts.",
 )
+def monitoring_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    hour = hour_that_ended(context.scheduled_execution_time)
+    return dg.RunRequest(run_key=hour, partition_key=hour)
+
 
 daily_feedback_schedule = dg.ScheduleDefinition(
     name="daily_feedback_schedule",

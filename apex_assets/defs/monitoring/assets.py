@@ -53,9 +53,12 @@ ALERT_CHECKS = {
 
 def hourly_partitions_def(settings: Settings | None = None) -> dg.HourlyPartitionsDefinition:
     settings = settings or load_settings()
+    # end_offset=1: the hour in progress is a partition too, so an operator (or the demo) can
+    # look at the line so far; the schedule still materializes the hour that ended.
     return dg.HourlyPartitionsDefinition(
         start_date=settings.monitoring_start_date.strftime("%Y-%m-%d-00:00"),
         timezone=settings.partition_timezone,
+        end_offset=1,
     )
 
 

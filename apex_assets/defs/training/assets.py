@@ -2,7 +2,9 @@
 
 Thin: they read the splits, map settings to ``TrainConfig`` (``defs/ml_config.py``) and call
 ``lib.training.train_classifier``, which owns Lightning, MLflow and the registry. Checkpoints
-are written locally (resumable if the run is killed) and the best one is copied to the lake.
+are written locally and, for ``trained_model``, mirrored to the lake after every epoch
+(``lib.checkpoint_sync``): a run killed with its disk (a pod) resumes on another machine.
+The best one is copied to the lake under its MLflow run id.
 The torch stack is imported inside the bodies so loading the definitions stays fast.
 """
 
@@ -10,6 +12,7 @@ import datetime as dt
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -85,6 +88,7 @@ def trained_model(
     mlflow: MlflowResource,
     balanced_splits: pl.DataFrame,
 ) -> dg.Output[pl.DataFrame]:
+    from apex_assets.lib.checkpoint_sync import CheckpointMirror
     from apex_assets.lib.datasets import failures_table
     from apex_assets.lib.training import train_classifier
 
@@ -97,6 +101,27 @@ def trained_model(
         target_min_per_class=inputs.oversample_target,
     )
     checkpoint_dir = settings.home / "checkpoints" / "trained_model" / cfg.fingerprint()
+    store = lake.get_lake()
+    mirror = CheckpointMirror(
+        store, f"checkpoints/trained_model/{cfg.fingerprint()}", checkpoint_dir
+    )
+    try:
+        restored = mirror.restore()
+    except Exception as exc:  # a broken lake copy must not block training: start over
+        context.log.warning(f"lake checkpoint {store.uri(mirror.prefix)} not restored: {exc}")
+        restored = None
+    if restored is not None:
+        context.log.info(
+            f"restored the checkpoint after epoch {restored} from {store.uri(mirror.prefix)}"
+        )
+
+    def mirror_epoch(epoch: int, files: list[Path]) -> None:
+        # A lake hiccup costs resumability for one epoch, never the training itself.
+        try:
+            mirror.push(epoch, files)
+        except Exception as exc:
+            context.log.warning(f"checkpoint after epoch {epoch} not copied to the lake: {exc}")
+
     context.log.info(
         f"training {cfg.arch}@{cfg.image_size} on {inputs.train_images:,} images, "
         f"{len(classes)} classes, up to {cfg.epochs} epochs; oversampling "
@@ -117,8 +142,14 @@ def trained_model(
             "no_defect_class": inputs.no_defect_class,
         },
         progress=context.log.info,
+        on_checkpoint=mirror_epoch,
     )
-    store = lake.get_lake()
+    try:
+        # Done: the next training with this config (new data) must not resume this run. A
+        # failure here must not fail the asset either: a retry would register a second version.
+        mirror.finish()
+    except Exception as exc:
+        context.log.warning(f"lake checkpoint {store.uri(mirror.prefix)} not removed: {exc}")
     checkpoint_key = f"checkpoints/trained_model/{result.run_id}/best.ckpt"
     store.upload_file(checkpoint_key, result.checkpoint_path)
     failures = failures_table(result.failures, inputs.records)
