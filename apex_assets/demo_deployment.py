@@ -260,6 +260,7 @@ def run_deployment(
     from apex_assets.simulator.line import inspect_served
 
     uri = source_uri(settings)
+    began = dt.datetime.now(dt.UTC)  # monitoring covers every hour this stage served in
     shadow_parts, production_parts = line_parts(settings)
     need = max(1, settings.shadow_min_requests)
     tag = str(bento["bento_tag"])
@@ -339,7 +340,7 @@ def run_deployment(
 
     now = dt.datetime.now(dt.UTC)
     hours = (
-        int((now - since.replace(minute=0, second=0, microsecond=0)).total_seconds() // 3600) + 1
+        int((now - began.replace(minute=0, second=0, microsecond=0)).total_seconds() // 3600) + 1
     )
     summary.monitoring = run_monitoring(settings, now + dt.timedelta(hours=1), hours)
     for row in summary.monitoring:
