@@ -124,6 +124,8 @@ def test_demo_end_to_end_then_rerun_is_a_no_op(tmp_path, neu_det_dir):
     parts = sum(int(re.search(r"(\d+) parts", x).group(1)) for x in monitored)
     assert parts == 60 + int(served.group(1)), monitored
     assert any(x.startswith("gate:        PASSED (precision >= 0") for x in lines)
+    assert any(x.startswith("             the production bar (ARCHITECTURE") for x in lines)
+    assert any(x.startswith("check:       onnx_parity PASSED") for x in lines)
     # the feedback loop: two weeks of line history whose incidents fire the FAR and latency
     # alerts, the reports, and the retraining sensor asking for a run (critical misses)
     line = next(x for x in out.splitlines() if x.startswith("line:"))
