@@ -161,3 +161,62 @@ def test_demo_end_to_end_then_rerun_is_a_no_op(tmp_path, neu_det_dir):
     assert "v2 promoted to production (was 1)" in promotion or "v2 stays in shadow" in promotion
     production = next(x for x in lines if x.startswith("production:"))
     assert re.search(r"(\d+) requests: .*logged \1 predictions", production), production
+
+
+def test_import_calibration_reports_bad_lines_and_fails(tmp_path):
+    env = _env(tmp_path / "apex")
+    csv = tmp_path / "calibration.csv"
+    csv.write_text(
+        "camera_id,valid_from,line_id,machine_id,focal_length_mm,aperture_f,exposure_us,"
+        "gain_db,resolution_w,resolution_h,pixel_size_um\n"
+        "cam_9,2026-11-01T00:00:00Z,line_1,m1,16,8,900,2,1024,1024,5.5\n"
+        "cam_9,not-a-date,line_1,m1,16,8,900,2,1024,1024,5.5\n"
+    )
+    proc = _apex("import-calibration", str(csv), env=env, check=False)
+    assert proc.returncode == 1
+    assert "upserted 1" in proc.stdout
+    assert "line 3 rejected" in proc.stdout
+
+    bad_header = tmp_path / "bad.csv"
+    bad_header.write_text("camera,when\nx,y\n")
+    proc = _apex("import-calibration", str(bad_header), env=env, check=False)
+    assert proc.returncode != 0
+    assert "Error" in proc.stderr and "camera" in proc.stderr
+
+
+def test_import_voc_rejects_missing_folder_with_a_clear_message(tmp_path):
+    env = _env(tmp_path / "apex")
+    proc = _apex(
+        "import-voc",
+        "--images",
+        str(tmp_path / "nope"),
+        "--annotations",
+        str(tmp_path),
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr
+
+
+def test_auto_pass_switch_and_line_simulator_errors(tmp_path):
+    env = _env(tmp_path / "apex")
+    assert "auto-pass is ACTIVE" in _apex("auto-pass", "status", env=env).stdout
+    paused = _apex(
+        "auto-pass", "pause", "--by", "qa", "--reason", "FAR alert on line 2", env=env
+    ).stdout
+    assert "auto-pass PAUSED by qa" in paused
+    status = _apex("auto-pass", "status", env=env).stdout
+    assert "auto-pass is PAUSED" in status and "by qa: FAR alert on line 2" in status
+    _apex("auto-pass", "resume", "--by", "lead", "--reason", "parts re-inspected", env=env)
+    status = _apex("auto-pass", "status", env=env).stdout
+    assert "auto-pass is ACTIVE (resumed by lead" in status and "parts re-inspected" in status
+    missing = _apex("auto-pass", "resume", "--by", "lead", env=env, check=False)
+    assert missing.returncode == 2 and "--reason" in missing.stderr
+
+    # the line simulator needs a plant first, and says so instead of a traceback
+    empty = _apex("simulate-line", "--weeks", "1", env=env, check=False)
+    assert empty.returncode == 1 and "apex simulate" in empty.stderr, empty.stderr
+    assert "Traceback" not in empty.stderr
+    bad = _apex("simulate-line", "--incident", "latency@yesterday", env=env, check=False)
+    assert bad.returncode == 2 and "kind@START+MINUTES" in bad.stderr
