@@ -364,6 +364,29 @@ def _materializations(result) -> list[dict[str, object]]:
     return rows
 
 
+def run_job(
+    settings: Settings, job_name: str, run_config: dict | None = None
+) -> tuple[bool, list[dict[str, object]], list[str]]:
+    """Run ``job_name`` in this process with quiet logs: (success, materializations, failure
+    messages). The commands and the demo share it; the caller decides what a failure means."""
+    import dagster as dg
+
+    from apex_assets.definitions import build_definitions
+
+    prepare_dagster_home(settings)
+    result = (
+        build_definitions(settings)
+        .resolve_job_def(job_name)
+        .execute_in_process(
+            instance=dg.DagsterInstance.get(),
+            run_config={**QUIET_LOGS, **(run_config or {})},
+            raise_on_error=False,
+        )
+    )
+    failures = [e.message for e in result.all_events if e.is_failure]
+    return result.success, _materializations(result), failures
+
+
 def _check_rows(result) -> list[dict[str, object]]:
     return [
         {
@@ -950,24 +973,12 @@ def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
 @main.command("shadow-report")
 def shadow_report_command() -> None:
     """Compare the shadow model with production on the line's logged requests."""
-    import dagster as dg
-
-    from apex_assets.definitions import build_definitions
-
     settings = load_settings()
-    prepare_dagster_home(settings)
     source_uri(settings)
-    result = (
-        build_definitions(settings)
-        .resolve_job_def("shadow_comparison_job")
-        .execute_in_process(
-            instance=dg.DagsterInstance.get(), run_config=QUIET_LOGS, raise_on_error=False
-        )
-    )
-    if not result.success:
-        failed = [e.message for e in result.all_events if e.is_failure]
-        raise click.ClickException("shadow comparison failed: " + "; ".join(failed[:2]))
-    for row in _materializations(result):
+    ok, rows, failures = run_job(settings, "shadow_comparison_job")
+    if not ok:
+        raise click.ClickException("shadow comparison failed: " + "; ".join(failures[:2]))
+    for row in rows:
         click.echo(str(row.get("report", "")))
         click.echo(f"promotion: {row.get('promotion')}")
 
@@ -981,27 +992,15 @@ def shadow_report_command() -> None:
 )
 def promote(version: str, approved_by: str, reason: str, force: bool) -> None:
     """Promote the shadow model version to production (an explicit, recorded step)."""
-    import dagster as dg
-
-    from apex_assets.definitions import build_definitions
-
     settings = load_settings()
-    prepare_dagster_home(settings)
     source_uri(settings)
     config = {"version": version, "approved_by": approved_by, "reason": reason, "force": force}
-    result = (
-        build_definitions(settings)
-        .resolve_job_def("promotion_job")
-        .execute_in_process(
-            instance=dg.DagsterInstance.get(),
-            run_config={**QUIET_LOGS, "ops": {"production_model": {"config": config}}},
-            raise_on_error=False,
-        )
+    ok, rows, failures = run_job(
+        settings, "promotion_job", {"ops": {"production_model": {"config": config}}}
     )
-    if not result.success:
-        failed = [e.message for e in result.all_events if e.is_failure]
-        raise click.ClickException("promotion refused: " + "; ".join(failed[:2]))
-    for row in _materializations(result):
+    if not ok:
+        raise click.ClickException("promotion refused: " + "; ".join(failures[:2]))
+    for row in rows:
         click.echo(
             f"v{row['model_version']} is in production (was {row['previous_version']}), "
             f"bento {row['bento_tag']}; serve it with `apex serve --bento {row['bento_tag']}`"

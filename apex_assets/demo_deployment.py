@@ -218,25 +218,6 @@ def line_parts(settings: Settings) -> tuple[pl.DataFrame, pl.DataFrame]:
     return shadow, production
 
 
-def _run_job(settings: Settings, job_name: str, run_config: dict | None = None):
-    import dagster as dg
-
-    from apex_assets.cli import QUIET_LOGS, _materializations
-    from apex_assets.definitions import build_definitions
-
-    result = (
-        build_definitions(settings)
-        .resolve_job_def(job_name)
-        .execute_in_process(
-            instance=dg.DagsterInstance.get(),
-            run_config={**QUIET_LOGS, **(run_config or {})},
-            raise_on_error=False,
-        )
-    )
-    failures = [e.message for e in result.all_events if e.is_failure]
-    return result.success, _materializations(result), failures
-
-
 @dataclass
 class DeploymentSummary:
     """The stage's outcome, for the demo's report."""
@@ -255,7 +236,7 @@ def run_deployment(
     settings: Settings, bento: dict[str, object], say: Callable[[str], None]
 ) -> DeploymentSummary:
     """Shadow -> comparison -> promotion -> production -> inspectors -> monitoring."""
-    from apex_assets.cli import run_monitoring, source_uri
+    from apex_assets.cli import run_job, run_monitoring, source_uri
     from apex_assets.lib.serving_controls import auto_pass_paused
     from apex_assets.simulator.line import inspect_served
 
@@ -282,7 +263,7 @@ def run_deployment(
     )
     say("  " + shadow.line())
 
-    ok, rows, failures = _run_job(settings, "shadow_comparison_job")
+    ok, rows, failures = run_job(settings, "shadow_comparison_job")
     if not ok:
         raise click.ClickException("shadow comparison failed: " + "; ".join(failures[:2]))
     comparison = rows[0] if rows else {}
@@ -297,7 +278,7 @@ def run_deployment(
             "reason": "demo: the shadow comparison passed the promotion policy",
             "force": False,
         }
-        ok, rows, failures = _run_job(
+        ok, rows, failures = run_job(
             settings, "promotion_job", {"ops": {"production_model": {"config": config}}}
         )
         if not ok:

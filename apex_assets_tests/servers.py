@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -87,4 +87,28 @@ def apex_serve(
                 reporter.write_line(f"\n--- tail of {log} ---\n{process.log_tail()}")
 
 
-__all__ = ["apex_serve", "stop_postmaster", "wait_until_up"]
+__all__ = ["apex_serve", "mlflow_server", "stop_postmaster", "wait_until_up"]
+
+
+@contextlib.contextmanager
+def mlflow_server(store: str, log: Path, artifact_root: Path | None = None) -> Iterator[str]:
+    """``mlflow server`` on a free loopback port with ``store`` as its backend store, for the
+    block; yields its URL once ``/health`` answers."""
+    import sys
+
+    from apex_assets.lib.serving_process import free_port
+
+    port = free_port()
+    args = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", store]
+    if artifact_root is not None:
+        args += ["--default-artifact-root", str(artifact_root)]
+    args += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(proc, f"{url}/health", log)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

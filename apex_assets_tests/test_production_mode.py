@@ -25,9 +25,8 @@ import psycopg
 import pytest
 
 from apex_assets.lib import source_db
-from apex_assets.lib.serving_process import free_port
+from apex_assets_tests import servers
 from apex_assets_tests.defs.test_ml_assets import neu_home  # noqa: F401  (fixture)
-from apex_assets_tests.servers import wait_until_up
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -44,31 +43,10 @@ def mlflow_server(pg_server, tmp_path: Path) -> Iterator[tuple[str, str]]:
     name = f"mlflow_{os.getpid()}"
     source_db.ensure_database(pg_server.get_uri(), name)
     store = pg_server.get_uri(name)
-    port = free_port()
-    log = tmp_path / "mlflow.log"
-    proc = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            _psycopg2(store),
-            "--default-artifact-root",
-            str(tmp_path / "mlartifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_until_up(proc, f"{url}/health", log)
-    yield url, store
-    proc.terminate()
-    proc.wait(timeout=30)
+    with servers.mlflow_server(
+        _psycopg2(store), tmp_path / "mlflow.log", artifact_root=tmp_path / "mlartifacts"
+    ) as url:
+        yield url, store
     with psycopg.connect(pg_server.get_uri(), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

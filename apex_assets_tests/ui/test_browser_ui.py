@@ -28,6 +28,7 @@ from apex_assets.config import load_settings
 from apex_assets.defs.monitoring.assets import monitoring_metrics
 from apex_assets.defs.resources import build_resources
 from apex_assets.lib.serving_process import free_port
+from apex_assets_tests import servers
 from apex_assets_tests.defs.test_monitoring_assets import KEY, insert_hour
 from apex_assets_tests.servers import wait_until_up
 
@@ -194,29 +195,8 @@ def mlflow_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, s
         client.log_metric(run.info.run_id, name, value)
     client.log_param(run.info.run_id, "arch", "resnet18")
     client.set_terminated(run.info.run_id)
-    port = free_port()
-    log = (home / "mlflow.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            store,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_until_up(proc, f"{url}/health", home / "mlflow.log")
-    yield url, experiment_id
-    proc.terminate()
-    proc.wait(timeout=30)
+    with servers.mlflow_server(store, home / "mlflow.log") as url:
+        yield url, experiment_id
 
 
 def test_mlflow_ui_shows_the_experiment_and_its_run(mlflow_ui, browser, tmp_path: Path) -> None:
